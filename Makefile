@@ -1,0 +1,35 @@
+# mailgate — the two commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= deploy/gateway.example.toml
+# Debian packages the test suite starts as real servers.
+TEST_PACKAGES := redis-server dovecot-imapd dovecot-pop3d slapd ldap-utils haproxy
+
+.PHONY: run test venv deps bench check-config clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	@command -v redis-server >/dev/null || { echo "redis-server is missing: install it with 'apt-get install redis-server' (or set [redis] url)"; exit 2; }
+	$(PY) -m gateway serve --config $(CONFIG)
+
+deps:
+	@bash deploy/install-test-deps.sh $(TEST_PACKAGES)
+
+test: deps venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) -m bench
+
+check-config: venv
+	$(PY) -m gateway check-config --config $(CONFIG)
+
+clean:
+	rm -rf $(VENV) .pytest_cache run

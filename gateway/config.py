@@ -1,0 +1,263 @@
+"""TOML configuration → frozen dataclasses.
+
+Every error names the file, the key and the reason (``ConfigError``).  Unknown keys are
+rejected so that a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOLS = ("imap", "pop3", "health")
+TLS_MODES = ("none", "starttls", "implicit")
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is one line naming file, key and reason."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    workers: int = 0                 # 0 = one per CPU
+    graceful_timeout: float = 30.0   # seconds open sessions get on TERM / HUP
+    max_connections: int = 10000     # per worker; accepting pauses when full
+    heartbeat_timeout: float = 10.0  # a worker silent this long is killed and replaced
+    auth_failure_delay: float = 2.0  # a failed login is answered no sooner than this
+    pidfile: str = ""
+    run_dir: str = "run"             # embedded Redis socket, relative to the working directory
+    log_level: str = "info"
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    protocol: str = "imap"
+    address: str = ""
+    tls: str = "none"
+    proxy_protocol: bool = False
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return split_address(self.address)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = ""          # "" = embedded private redis-server started by the master
+    timeout: float = 2.0   # socket connect/read timeout for lookups
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    banner: str = ""
+    preauth_timeout: float = 60.0     # idle timeout before login
+    idle_timeout: float = 1800.0      # idle timeout after login
+    max_line: int = 65536             # longest command line accepted
+    max_login_literal: int = 8192     # largest literal accepted before login
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str = ""
+    address: str = ""
+    imap_port: int = 143
+    pop3_port: int = 110
+    tls: str = "none"
+    connect_timeout: float = 5.0       # connect + greeting
+    login_timeout: float = 15.0        # login command answered
+
+    def port(self, protocol: str) -> int:
+        return self.imap_port if protocol == "imap" else self.pop3_port
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    source: str = "export"            # "export" | "ldap"
+    default_domain: str = ""          # appended to login names without "@"
+    miss: str = "unknown"             # cache miss: "unknown" user or "unavailable"
+    negative_ttl: int = 60
+    sync_interval: float = 0.0        # master runs an incremental sync this often (0 = never)
+    lookup_timeout: float = 2.0
+    ldap_url: str = ""
+    ldap_bind_dn: str = ""
+    ldap_password: str = ""
+    ldap_base: str = ""
+    ldap_filter: str = "(objectClass=*)"
+    ldap_start_tls: bool = False
+    ldap_page_size: int = 500
+    login_attributes: tuple[str, ...] = ("uid", "mail")
+    backend_attribute: str = "mailHost"
+    backend_login_attribute: str = ""
+    id_attribute: str = "entryUUID"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    server: ServerConfig
+    listen: tuple[ListenConfig, ...]
+    tls: TLSConfig
+    redis: RedisConfig
+    imap: ProtocolConfig
+    pop3: ProtocolConfig
+    backends: dict[str, BackendConfig]
+    directory: DirectoryConfig
+
+    def backend(self, name: str) -> BackendConfig | None:
+        """The [backends.NAME] entry for a directory back-end value (name or address)."""
+        if name in self.backends:
+            return self.backends[name]
+        lowered = name.lower()
+        for backend in self.backends.values():
+            if backend.name.lower() == lowered or backend.address.lower() == lowered:
+                return backend
+        return None
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" → (host, port); ValueError on anything else."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class _Reader:
+    """Checks one TOML table against a dataclass, naming file and key on every error."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {reason}")
+
+    def table(self, cls, raw: Any, prefix: str, **extra):
+        if not isinstance(raw, dict):
+            raise self.fail(prefix, "must be a table")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = dict(extra)
+        for key, value in raw.items():
+            if key not in fields or key in extra:
+                raise self.fail(f"{prefix}.{key}", "unknown key")
+            values[key] = self.value(fields[key], value, f"{prefix}.{key}")
+        return cls(**values)
+
+    def value(self, fld: dataclasses.Field, value: Any, key: str):
+        default = fld.default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise self.fail(key, "must be true or false")
+            return value
+        if isinstance(default, (int, float)) and not isinstance(value, bool):
+            if isinstance(default, float) and isinstance(value, (int, float)):
+                value = float(value)
+            elif not isinstance(value, type(default)):
+                raise self.fail(key, f"must be a {type(default).__name__}")
+            if value < 0:
+                raise self.fail(key, "must not be negative")
+            return value
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise self.fail(key, "must be a string")
+            return value
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.fail(key, "must be a list of strings")
+            return tuple(value)
+        raise self.fail(key, "unsupported")  # pragma: no cover
+
+
+def load(path: str) -> Config:
+    """Read and validate a TOML config file; raises ConfigError."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse(raw, path)
+
+
+def parse(raw: dict, path: str = "<config>") -> Config:
+    """Validate an already-decoded TOML document."""
+    reader = _Reader(path)
+    known = {"server", "listen", "tls", "redis", "imap", "pop3", "backends", "directory"}
+    for key in raw:
+        if key not in known:
+            raise reader.fail(key, "unknown section")
+    server = reader.table(ServerConfig, raw.get("server", {}), "server")
+    if server.log_level not in ("debug", "info", "warning", "error"):
+        raise reader.fail("server.log_level", "must be debug, info, warning or error")
+    if server.max_connections < 1:
+        raise reader.fail("server.max_connections", "must be at least 1")
+    listen = _listeners(reader, raw.get("listen", []))
+    tls = reader.table(TLSConfig, raw.get("tls", {}), "tls")
+    if any(l.tls != "none" for l in listen) and not (tls.cert_file and tls.key_file):
+        raise reader.fail("tls.cert_file", "TLS listeners need tls.cert_file and tls.key_file")
+    redis = reader.table(RedisConfig, raw.get("redis", {}), "redis")
+    imap = reader.table(ProtocolConfig, raw.get("imap", {}), "imap")
+    pop3 = reader.table(ProtocolConfig, raw.get("pop3", {}), "pop3")
+    if "pop3" not in raw or "idle_timeout" not in raw.get("pop3", {}):
+        pop3 = dataclasses.replace(pop3, idle_timeout=600.0)  # RFC 1939 §3: at least 10 minutes
+    backends = _backends(reader, raw.get("backends", {}))
+    directory = reader.table(DirectoryConfig, raw.get("directory", {}), "directory")
+    if directory.source not in ("export", "ldap"):
+        raise reader.fail("directory.source", "must be \"export\" or \"ldap\"")
+    if directory.miss not in ("unknown", "unavailable"):
+        raise reader.fail("directory.miss", "must be \"unknown\" or \"unavailable\"")
+    return Config(path, server, listen, tls, redis, imap, pop3, backends, directory)
+
+
+def _listeners(reader: _Reader, raw: Any) -> tuple[ListenConfig, ...]:
+    if not isinstance(raw, list):
+        raise reader.fail("listen", "must be an array of tables ([[listen]])")
+    result, seen = [], set()
+    for index, entry in enumerate(raw):
+        key = f"listen[{index}]"
+        listener = reader.table(ListenConfig, entry, key)
+        if listener.protocol not in PROTOCOLS:
+            raise reader.fail(f"{key}.protocol", f"must be one of {', '.join(PROTOCOLS)}")
+        if listener.tls not in TLS_MODES:
+            raise reader.fail(f"{key}.tls", f"must be one of {', '.join(TLS_MODES)}")
+        try:
+            host_port = listener.host_port
+        except ValueError as exc:
+            raise reader.fail(f"{key}.address", str(exc)) from None
+        if host_port in seen:
+            raise reader.fail(f"{key}.address", "listed twice")
+        seen.add(host_port)
+        result.append(listener)
+    if not result:
+        raise reader.fail("listen", "at least one [[listen]] entry is needed")
+    return tuple(result)
+
+
+def _backends(reader: _Reader, raw: Any) -> dict[str, BackendConfig]:
+    if not isinstance(raw, dict):
+        raise reader.fail("backends", "must be a table of [backends.NAME] tables")
+    result = {}
+    for name, entry in raw.items():
+        key = f"backends.{name}"
+        backend = reader.table(BackendConfig, entry, key, name=name)
+        if not backend.address:
+            raise reader.fail(f"{key}.address", "is required")
+        if backend.tls not in TLS_MODES:
+            raise reader.fail(f"{key}.tls", f"must be one of {', '.join(TLS_MODES)}")
+        for port_key in ("imap_port", "pop3_port"):
+            if not 0 < getattr(backend, port_key) < 65536:
+                raise reader.fail(f"{key}.{port_key}", "must be a port number")
+        result[name] = backend
+    return result

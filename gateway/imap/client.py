@@ -1,0 +1,319 @@
+"""The client half of an IMAP session: the pre-auth dialogue at the gateway, then the relay.
+
+Before login the gateway answers CAPABILITY, NOOP, LOGOUT, ID, LOGIN, AUTHENTICATE PLAIN
+(RFC 4959 SASL-IR) and STARTTLS itself; every other command gets BAD.  A login is routed
+(gateway.session.route), replayed to the back-end (gateway.imap.backend) and the back-end's
+answer returned under the client's tag; from then on the session is relayed.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from collections import deque
+
+from gateway import relay as relay_mod
+from gateway import sasl
+from gateway import session as session_mod
+from gateway.imap import parser
+from gateway.imap.backend import ImapBackend, filter_capabilities
+from gateway.imap.parser import Atom, Framer, Line, LiteralChunk
+from gateway.imap.relay import CommandTracker
+from gateway.session import ClientGone, Failure, LoginError, State
+
+log = logging.getLogger("mailgate.imap")
+
+PREAUTH_CAPABILITIES = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "AUTH=PLAIN"]
+MAX_BAD_COMMANDS = 10      # then the connection is closed, as Dovecot does
+MAX_ARGS = 64
+
+ANSWERS = {
+    Failure.AUTH_FAILED: b"NO [AUTHENTICATIONFAILED] Authentication failed.",
+    Failure.UNAVAILABLE: b"NO [UNAVAILABLE] Service temporarily unavailable, try again later.",
+    Failure.PROTOCOL: b"NO [UNAVAILABLE] Service temporarily unavailable, try again later.",
+}
+
+
+class ImapSession(session_mod.Session):
+    protocol = "imap"
+
+    def __init__(self, service, client, address, listen):
+        super().__init__(service, client, address, listen)
+        self.settings = service.config.imap
+        self.framer = Framer(max_line=self.settings.max_line,
+                             max_literal=self.settings.max_login_literal)
+        self.events: deque = deque()
+        self.client_id: list[tuple[str, str]] = []
+        self.bad_commands = 0
+        self.login_tag = ""
+        self.logout_seen = False
+
+    # -- the session's life -------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            banner = self.settings.banner or "mailgate ready."
+            self.send(b"* OK [CAPABILITY " + self.capability_line() + b"] " +
+                      banner.encode() + b"\r\n")
+            self.client.settimeout(self.settings.preauth_timeout)
+            while self.state is State.PREAUTH and not self.closing:
+                self.dispatch(self.read_command())
+            if self.state is State.PROXYING and not self.closing:
+                self.proxy()
+        except ClientGone as exc:
+            self.end(str(exc))
+        except Exception:  # noqa: BLE001 - one session's bug must not kill the worker
+            log.exception("session=%s internal error", self.id)
+            self.end("internal error")
+            self.try_send(b"* BYE [SERVERBUG] Internal error, closing connection.\r\n")
+        finally:
+            self.log_end()
+            self.close()
+
+    def try_send(self, data: bytes) -> None:
+        try:
+            self.send(data)
+        except ClientGone:
+            pass
+
+    def goodbye(self, text: str) -> None:
+        self.try_send(b"* BYE [UNAVAILABLE] " + text.encode() + b"\r\n")
+        super().goodbye(text)
+
+    def capability_line(self) -> bytes:
+        return " ".join(PREAUTH_CAPABILITIES).encode()
+
+    # -- reading commands before login -------------------------------------------------------
+
+    def next_event(self):
+        while not self.events:
+            try:
+                data = self.client.recv(4096)
+            except socket.timeout:
+                self.try_send(b"* BYE Autologout; idle for too long.\r\n")
+                raise ClientGone("idle timeout before login") from None
+            except OSError as exc:
+                raise ClientGone(f"read error: {exc.strerror or exc}") from None
+            if not data:
+                raise ClientGone("client closed")
+            self.bytes_in += len(data)
+            try:
+                self.events.extend(self.framer.feed(data))
+            except parser.LiteralTooLarge:
+                self.try_send(b"* BYE [TOOBIG] Literal too large before login.\r\n")
+                raise ClientGone("literal too large") from None
+            except parser.LineTooLong:
+                self.try_send(b"* BYE [TOOBIG] Command line too long.\r\n")
+                raise ClientGone("line too long") from None
+            except parser.ParseError as exc:
+                self.try_send(b"* BYE Protocol error.\r\n")
+                raise ClientGone(f"protocol error: {exc}") from None
+        return self.events.popleft()
+
+    def read_command(self) -> list[bytes]:
+        """The parts of one whole command: lines and literal payloads, in order."""
+        parts: list[bytes] = []
+        while True:
+            event = self.next_event()
+            if not isinstance(event, Line):
+                continue  # a literal chunk outside a literal cannot happen; ignore defensively
+            parts.append(event.data)
+            if event.literal is None:
+                return parts
+            if not event.literal.nonsync:
+                self.send(b"+ Ready for literal data.\r\n")
+            payload = bytearray()
+            while True:
+                chunk = self.next_event()
+                payload += chunk.data
+                if chunk.last:
+                    break
+            parts.append(bytes(payload))
+
+    def leftover(self) -> bytes:
+        """Client bytes read but not consumed before login: pipelined after the LOGIN."""
+        return b"".join(e.data for e in self.events) + self.framer.pending()
+
+    # -- dispatch ----------------------------------------------------------------------------------
+
+    def dispatch(self, parts: list[bytes]) -> None:
+        try:
+            command = parser.parse_command(parts, max_args=MAX_ARGS)
+        except parser.ParseError as exc:
+            self.bad(_guess_tag(parts[0]), f"Error in IMAP command: {exc}")
+            return
+        handler = getattr(self, f"cmd_{command.name}", None)
+        if handler is None:
+            self.bad(command.tag, "Command unknown or not allowed before login.")
+            return
+        handler(command)
+
+    def reply(self, tag: str, text: str) -> None:
+        self.send(tag.encode() + b" " + text.encode() + b"\r\n")
+
+    def bad(self, tag: str, text: str) -> None:
+        self.bad_commands += 1
+        self.reply(tag, f"BAD {text}")
+        if self.bad_commands >= MAX_BAD_COMMANDS:
+            self.send(b"* BYE Too many invalid IMAP commands.\r\n")
+            raise ClientGone("too many invalid commands")
+
+    def cmd_CAPABILITY(self, command) -> None:
+        self.send(b"* CAPABILITY " + self.capability_line() + b"\r\n")
+        self.reply(command.tag, "OK Pre-login capabilities listed, post-login capabilities have more.")
+
+    def cmd_NOOP(self, command) -> None:
+        self.reply(command.tag, "OK NOOP completed.")
+
+    def cmd_LOGOUT(self, command) -> None:
+        self.send(b"* BYE Logging out\r\n")
+        self.reply(command.tag, "OK Logout completed.")
+        self.end("logout")
+        self.closing = True
+
+    def cmd_STARTTLS(self, command) -> None:
+        # The TLS listener mode wires this in gateway.tls; a plain listener has no STARTTLS.
+        self.bad(command.tag, "STARTTLS is not available on this port.")
+
+    def cmd_ID(self, command) -> None:
+        """RFC 2971: answer with our own (minimal) ID; keep the client's for the back-end."""
+        if len(command.args) != 1:
+            self.bad(command.tag, "ID needs one argument.")
+            return
+        fields = command.args[0]
+        if isinstance(fields, list):
+            if len(fields) % 2:
+                self.bad(command.tag, "ID list must hold field/value pairs.")
+                return
+            self.client_id = [(_text(k), _text(v)) for k, v in zip(fields[::2], fields[1::2])
+                              if not _is_nil(k) and not _is_nil(v)][:30]
+        elif not _is_nil(fields):
+            self.bad(command.tag, "ID argument must be a list or NIL.")
+            return
+        self.send(b'* ID ("name" "mailgate")\r\n')
+        self.reply(command.tag, "OK ID completed.")
+
+    def cmd_LOGIN(self, command) -> None:
+        if len(command.args) != 2 or any(isinstance(a, list) for a in command.args):
+            self.bad(command.tag, "LOGIN needs a user name and a password.")
+            return
+        self.login_command(command.tag, _text(command.args[0]), _text(command.args[1]), "LOGIN")
+
+    def cmd_AUTHENTICATE(self, command) -> None:
+        args = command.args
+        if not args or len(args) > 2 or not isinstance(args[0], Atom):
+            self.bad(command.tag, "AUTHENTICATE needs a mechanism.")
+            return
+        if args[0].upper() != "PLAIN":
+            self.reply(command.tag, "NO Unsupported authentication mechanism.")
+            return
+        if len(args) == 2:
+            response = _text(args[1]).encode()   # RFC 4959 initial response; "=" is empty
+        else:
+            self.send(b"+ \r\n")
+            response = self.read_sasl_line()
+            if response is None:
+                self.bad(command.tag, "Authentication cancelled.")
+                return
+        credentials = None if response == b"=" else sasl.decode_plain(response)
+        if credentials is None:
+            self.bad(command.tag, "Invalid SASL PLAIN response.")
+            return
+        authzid, authcid, password = credentials
+        self.login_command(command.tag, sasl.login_identity(authzid, authcid), password, "PLAIN")
+
+    def read_sasl_line(self) -> bytes | None:
+        """One SASL continuation line; None when the client cancels with "*" (RFC 3501 6.2.2)."""
+        event = self.next_event()
+        if not isinstance(event, Line) or event.literal is not None:
+            raise ClientGone("protocol error in SASL response")
+        line = event.data.rstrip(b"\r\n")
+        return None if line == b"*" else line
+
+    # -- login -------------------------------------------------------------------------------------
+
+    def login_command(self, tag: str, login_name: str, password: str, mechanism: str) -> None:
+        self.login_tag = tag
+        try:
+            self.login(login_name, password, mechanism)
+        except session_mod.TooManyFailures:
+            self.send(b"* BYE Too many login failures.\r\n")
+            raise
+
+    def backend_login(self, found, password: str, mechanism: str):
+        backend = ImapBackend(self.backend, found.backend.name, found.backend.connect_timeout)
+        backend.greet()
+        self.backend.settimeout(found.backend.login_timeout)
+        answer = backend.login(found.backend_login, password, mechanism, self.id_fields())
+        return backend, answer
+
+    def answer_success(self, result) -> None:
+        backend, answer = result
+        capabilities = filter_capabilities(backend.capability_words)
+        text = answer.text or "Logged in"
+        self.send(self.login_tag.encode() + b" OK [CAPABILITY " + " ".join(capabilities).encode() +
+                  b"] " + text.encode("utf-8", "replace") + b"\r\n")
+        self.backend_pending = backend.leftover()
+
+    def answer_failure(self, failure: Failure) -> None:
+        self.send(self.login_tag.encode() + b" " + ANSWERS[failure] + b"\r\n")
+
+    def id_fields(self) -> list[tuple[str, str]]:
+        """The client's ID plus its address, for the back-end's logs (Dovecot x-* fields)."""
+        local = self.client.getsockname()
+        ours = [("x-originating-ip", self.client_address),
+                ("x-originating-port", str(self.client_port)),
+                ("x-connected-ip", str(local[0])), ("x-connected-port", str(local[1])),
+                ("x-session-ext-id", self.id)]
+        theirs = [(k, v) for k, v in self.client_id if not k.lower().startswith("x-")]
+        return theirs[:30 - len(ours)] + ours
+
+    # -- after login ---------------------------------------------------------------------------
+
+    def proxy(self) -> None:
+        tracker = self.tracker = CommandTracker()
+        pending_up = self.leftover()
+        self.events.clear()
+        try:
+            if self.backend_pending:
+                self.send(self.backend_pending)
+            if pending_up:
+                tracker.observe(pending_up)
+                self.backend.sendall(pending_up)
+        except OSError as exc:
+            self.end(f"backend write error: {exc}")
+            return
+        ending = relay_mod.relay(self, self.settings.idle_timeout, tracker.observe)
+        if self.end_reason:
+            return
+        if ending.side == "client" and ending.reason == "idle timeout":
+            self.try_send(b"* BYE Autologout; idle for too long.\r\n")
+        self.end(f"{ending.side} {ending.reason}")
+
+    def relay_ended(self, ending) -> None:
+        """Called by the back-end pump when the back-end side stops first."""
+        if ending.side == "backend" and not self.closing:
+            if not self.tracker.logout and b"* BYE" not in self.last_backend_chunk:
+                self.try_send(b"* BYE [UNAVAILABLE] Connection to the mail server lost.\r\n")
+            self.end(f"backend {ending.reason}")
+        self.close()
+
+    backend_pending = b""
+    last_backend_chunk = b""
+
+
+def _guess_tag(line: bytes) -> str:
+    tag = line.split(b" ", 1)[0].strip()
+    if tag and len(tag) <= 64 and all(0x21 <= b <= 0x7e and b not in b'(){%*"\\+' for b in tag):
+        return tag.decode("ascii")
+    return "*"
+
+
+def _text(token) -> str:
+    if isinstance(token, bytes):
+        return token.decode("utf-8", "replace")
+    return str(token)
+
+
+def _is_nil(token) -> bool:
+    return isinstance(token, Atom) and token.upper() == "NIL"
+

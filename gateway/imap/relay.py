@@ -1,0 +1,72 @@
+"""Command-aware watching of the client → back-end stream after login.
+
+The relay forwards bytes untouched; this tracker sees the same bytes and keeps just enough
+state to know where each command starts (its tag and name) and where literals begin and end,
+without copying literal payloads.  The referral issue builds interception on this.
+"""
+from __future__ import annotations
+
+import re
+
+HEAD_KEEP = 128       # bytes of a line's start kept to read tag and command name
+TAIL_KEEP = 32        # bytes of a line's end kept to find a literal marker
+_LITERAL_AT_END = re.compile(rb"~?\{(\d{1,10})(\+|-)?\}\r?\n\Z")
+
+
+class CommandTracker:
+    """Follows the client's commands: ``commands`` counts them, ``logout`` is set by LOGOUT."""
+
+    __slots__ = ("literal_left", "head", "tail", "continuing", "commands", "logout",
+                 "last_tag", "last_name")
+
+    def __init__(self):
+        self.literal_left = 0      # literal payload bytes still to pass
+        self.head = b""            # start of the current line (bounded)
+        self.tail = b""            # end of the current line seen so far (bounded)
+        self.continuing = False    # the current line continues a command after a literal
+        self.commands = 0
+        self.logout = False
+        self.last_tag = ""
+        self.last_name = ""
+
+    def observe(self, data: bytes) -> None:
+        """Feed the next bytes the client sent (any split)."""
+        pos, size = 0, len(data)
+        while pos < size:
+            if self.literal_left:
+                step = min(self.literal_left, size - pos)
+                self.literal_left -= step
+                pos += step
+                continue
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                self._partial(data[pos:])
+                return
+            self._partial(data[pos:newline + 1])
+            self._line_done()
+            pos = newline + 1
+
+    def _partial(self, piece: bytes) -> None:
+        if len(self.head) < HEAD_KEEP:
+            self.head += piece[:HEAD_KEEP - len(self.head)]
+        self.tail = (self.tail + piece)[-TAIL_KEEP:]
+
+    def _line_done(self) -> None:
+        if not self.continuing:
+            self._command_start(self.head)
+        match = _LITERAL_AT_END.search(self.tail)
+        if match:
+            self.literal_left = int(match.group(1))
+            self.continuing = True
+        else:
+            self.continuing = False
+        self.head = self.tail = b""
+
+    def _command_start(self, head: bytes) -> None:
+        words = head.split(None, 2)
+        if len(words) >= 2:
+            self.commands += 1
+            self.last_tag = words[0].decode("ascii", "replace")
+            self.last_name = words[1].decode("ascii", "replace").upper()
+            if self.last_name == "LOGOUT":
+                self.logout = True

@@ -1,0 +1,207 @@
+"""The client half of a POP3 session: pre-auth at the gateway, then a byte relay.
+
+Before login the gateway answers CAPA, USER/PASS, AUTH PLAIN (RFC 5034, with initial
+response and "*" cancel), QUIT and STLS itself; anything else gets -ERR.  After the
+back-end's +OK the session is a plain byte relay: POP3 needs no parsing there.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+
+from gateway import relay as relay_mod
+from gateway import sasl
+from gateway import session as session_mod
+from gateway.pop3.backend import LineReader, Pop3Backend
+from gateway.session import ClientGone, Failure, State
+
+log = logging.getLogger("mailgate.pop3")
+
+MAX_COMMAND = 255          # RFC 2449 §4: command lines, CRLF included
+MAX_AUTH_LINE = 8192       # RFC 5034 §4: SASL lines are not bound by the 255 octets
+MAX_BAD_COMMANDS = 10
+
+ANSWERS = {
+    Failure.AUTH_FAILED: b"-ERR [AUTH] Authentication failed.\r\n",
+    Failure.UNAVAILABLE: b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later.\r\n",
+    Failure.PROTOCOL: b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later.\r\n",
+}
+
+
+class Pop3Session(session_mod.Session):
+    protocol = "pop3"
+
+    def __init__(self, service, client, address, listen):
+        super().__init__(service, client, address, listen)
+        self.settings = service.config.pop3
+        self.reader = LineReader(client, MAX_AUTH_LINE)
+        self.user = ""
+        self.bad_commands = 0
+        self.backend_greeting = b""
+
+    def run(self) -> None:
+        try:
+            banner = self.settings.banner or "mailgate POP3 ready."
+            self.send(b"+OK " + banner.encode() + b"\r\n")
+            self.client.settimeout(self.settings.preauth_timeout)
+            while self.state is State.PREAUTH and not self.closing:
+                self.dispatch(self.read_line())
+            if self.state is State.PROXYING and not self.closing:
+                self.proxy()
+        except ClientGone as exc:
+            self.end(str(exc))
+        except Exception:  # noqa: BLE001 - one session's bug must not kill the worker
+            log.exception("session=%s internal error", self.id)
+            self.end("internal error")
+            self.try_send(b"-ERR [SYS/TEMP] Internal error, closing connection.\r\n")
+        finally:
+            self.log_end()
+            self.close()
+
+    def try_send(self, data: bytes) -> None:
+        try:
+            self.send(data)
+        except ClientGone:
+            pass
+
+    def goodbye(self, text: str) -> None:
+        self.try_send(b"-ERR [SYS/TEMP] " + text.encode() + b"\r\n")
+        super().goodbye(text)
+
+    def read_line(self) -> bytes:
+        try:
+            line = self.reader.read_line()
+        except socket.timeout:
+            self.try_send(b"-ERR Disconnected for inactivity.\r\n")
+            raise ClientGone("idle timeout before login") from None
+        except ValueError:
+            self.try_send(b"-ERR Line too long.\r\n")
+            raise ClientGone("line too long") from None
+        except OSError as exc:
+            raise ClientGone(f"read error: {exc.strerror or exc}") from None
+        if line is None:
+            raise ClientGone("client closed")
+        self.bytes_in += len(line) + 2
+        return line
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    def dispatch(self, line: bytes) -> None:
+        verb, _, argument = line.partition(b" ")
+        name = verb.decode("ascii", "replace").upper()
+        if len(line) + 2 > MAX_COMMAND and name != "AUTH":
+            self.err("Line too long.")
+            return
+        handler = getattr(self, f"cmd_{name}", None) if name.isalpha() else None
+        if handler is None:
+            self.err("Unknown command or not allowed before login.")
+            return
+        handler(argument.decode("utf-8", "replace"))
+
+    def err(self, text: str) -> None:
+        self.bad_commands += 1
+        self.send(b"-ERR " + text.encode() + b"\r\n")
+        if self.bad_commands >= MAX_BAD_COMMANDS:
+            raise ClientGone("too many invalid commands")
+
+    def cmd_CAPA(self, argument: str) -> None:
+        lines = ["+OK Capability list follows", "USER", "SASL PLAIN", "RESP-CODES",
+                 "PIPELINING", "AUTH-RESP-CODE", "IMPLEMENTATION mailgate", "."]
+        self.send("\r\n".join(lines).encode() + b"\r\n")
+
+    def cmd_QUIT(self, argument: str) -> None:
+        self.send(b"+OK Logging out.\r\n")
+        self.end("quit")
+        self.closing = True
+
+    def cmd_NOOP(self, argument: str) -> None:
+        self.err("Not logged in.")
+
+    def cmd_STLS(self, argument: str) -> None:
+        self.err("STLS is not available on this port.")
+
+    def cmd_USER(self, argument: str) -> None:
+        if not argument:
+            self.err("USER needs a name.")
+            return
+        self.user = argument
+        self.send(b"+OK\r\n")
+
+    def cmd_PASS(self, argument: str) -> None:
+        if not self.user:
+            self.err("No user name given.")
+            return
+        user, self.user = self.user, ""
+        self.login(user, argument, "USER")
+
+    def cmd_AUTH(self, argument: str) -> None:
+        mechanism, _, initial = argument.partition(" ")
+        if not mechanism:
+            self.send(b"+OK\r\nPLAIN\r\n.\r\n")
+            return
+        if mechanism.upper() != "PLAIN":
+            self.err("Unsupported authentication mechanism.")
+            return
+        if not initial:
+            self.send(b"+ \r\n")
+            initial = self.read_line().decode("ascii", "replace")
+            if initial == "*":
+                self.err("Authentication cancelled.")
+                return
+        credentials = sasl.decode_plain(initial.encode("ascii", "replace"))
+        if credentials is None:
+            self.err("Invalid SASL PLAIN response.")
+            return
+        authzid, authcid, password = credentials
+        self.login(sasl.login_identity(authzid, authcid), password, "PLAIN")
+
+    # -- login ------------------------------------------------------------------------------------
+
+    def backend_login(self, found, password: str, mechanism: str):
+        backend = Pop3Backend(self.backend, found.backend.name, found.backend.connect_timeout)
+        backend.greet()
+        backend.forward_client(self.client_address, self.client_port, self.id)
+        self.backend.settimeout(found.backend.login_timeout)
+        answer = backend.login(found.backend_login, password)
+        return answer, backend.reader.take()
+
+    def answer_success(self, result) -> None:
+        answer, pending = result
+        self.send(answer + b"\r\n")
+        self.backend_pending = pending
+
+    def answer_failure(self, failure: Failure) -> None:
+        self.send(ANSWERS[failure])
+
+    # -- after login ------------------------------------------------------------------------------
+
+    backend_pending = b""
+    last_backend_chunk = b""
+
+    def proxy(self) -> None:
+        pending_up = self.reader.take()
+        try:
+            if self.backend_pending:
+                self.send(self.backend_pending)
+            if pending_up:
+                self.backend.sendall(pending_up)
+        except OSError as exc:
+            self.end(f"backend write error: {exc}")
+            return
+        ending = relay_mod.relay(self, self.settings.idle_timeout, self.watch_quit)
+        self.end(f"{ending.side} {ending.reason}")
+
+    quit_seen = False
+
+    def watch_quit(self, data: bytes) -> None:
+        if not self.quit_seen and b"QUIT" in data.upper():
+            self.quit_seen = True
+
+    def relay_ended(self, ending) -> None:
+        """The back-end closed first: unless the client quit, tell it before closing."""
+        if ending.side == "backend" and not self.closing and not self.end_reason:
+            if not self.quit_seen:
+                self.try_send(b"-ERR [SYS/TEMP] Connection to the mail server lost.\r\n")
+            self.end(f"backend {ending.reason}")
+        self.close()
+

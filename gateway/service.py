@@ -1,0 +1,56 @@
+"""What a worker serves: one handler per listener, the shared lookup, the open sessions.
+
+The worker process (workers/worker.py) builds one ``Service`` after fork and hands each
+accepted connection to ``Service.handler(listen)``.  Everything here runs under gevent.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import weakref
+
+log = logging.getLogger("mailgate.service")
+
+
+class Service:
+    """Per-worker state shared by all sessions: config, directory, session registry."""
+
+    def __init__(self, config, redis_url: str):
+        from gateway.directory import cache
+        self.config = config
+        self.redis_url = redis_url
+        self.redis = cache.connect(config)
+        self.directory = cache.Directory(self.redis, config.directory)
+        self.sessions: weakref.WeakSet = weakref.WeakSet()
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid():x}"
+
+    def new_session_id(self) -> str:
+        return f"{self._id_prefix}.{next(self._ids):x}"
+
+    def handler(self, listen):
+        """A callable(socket, address) serving one client of this listener to the end."""
+        from gateway.imap.client import ImapSession
+        from gateway.pop3.client import Pop3Session
+        session_class = {"imap": ImapSession, "pop3": Pop3Session}.get(listen.protocol)
+        if session_class is None:
+            raise ValueError(f"protocol {listen.protocol!r} is not served yet")
+
+        def handle(client: socket.socket, address) -> None:
+            session = session_class(self, client, address, listen)
+            self.sessions.add(session)
+            try:
+                session.run()
+            finally:
+                self.sessions.discard(session)
+        return handle
+
+    def open_sessions(self) -> int:
+        return len(self.sessions)
+
+    def shutdown(self, graceful: bool = False) -> None:
+        """Say a protocol goodbye to every open session and close it."""
+        for session in list(self.sessions):
+            session.goodbye("Server shutting down")

@@ -1,0 +1,223 @@
+"""The protocol-free half of a proxied session, shared by IMAP and POP3.
+
+Like Dovecot's login-proxy.c: named states logged on disconnect, failures classified once
+(``Failure``), one place that routes a login and connects to its back-end.  A protocol adds
+its pre-auth dialogue, its back-end login and its answers behind the same few methods.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+from gateway.config import BackendConfig
+from gateway.directory.cache import DirectoryUnavailable
+from gateway.directory.records import MailboxRecord
+
+log = logging.getLogger("mailgate.session")
+
+
+class State(enum.Enum):
+    PREAUTH = "preauth"
+    CONNECTING = "connecting"
+    LOGIN = "backend-login"
+    PROXYING = "proxying"
+    CLOSED = "closed"
+
+
+class Failure(enum.Enum):
+    """Why a login did not reach a proxied session; each protocol maps these to answers."""
+    AUTH_FAILED = "auth-failed"      # unknown user or wrong password: never told apart
+    UNAVAILABLE = "unavailable"      # directory, back-end or network trouble: try again
+    PROTOCOL = "protocol"            # the back-end said something we cannot use
+
+
+class LoginError(Exception):
+    """A classified login failure; ``detail`` is for the log only, never for the client."""
+
+    def __init__(self, failure: Failure, detail: str):
+        super().__init__(detail)
+        self.failure = failure
+        self.detail = detail
+
+
+class ClientGone(Exception):
+    """The client closed, timed out or broke the protocol beyond an answer."""
+
+
+class TooManyFailures(ClientGone):
+    """Too many failed logins or bad commands: the protocol says goodbye and closes."""
+
+
+@dataclass(frozen=True)
+class Route:
+    login_name: str          # normalised
+    backend: BackendConfig
+    backend_login: str       # the name the back-end knows the mailbox by
+    record: MailboxRecord
+
+
+def route(service, login_name: str) -> Route:
+    """Look the login up (one Redis round trip) and resolve its back-end; raises LoginError."""
+    try:
+        record = service.directory.lookup(login_name)
+    except DirectoryUnavailable as exc:
+        raise LoginError(Failure.UNAVAILABLE, f"directory unavailable: {exc}") from None
+    except ValueError as exc:
+        raise LoginError(Failure.AUTH_FAILED, f"bad login name: {exc}") from None
+    if record is None:
+        if service.config.directory.miss == "unavailable":
+            raise LoginError(Failure.UNAVAILABLE, "not in the directory cache")
+        raise LoginError(Failure.AUTH_FAILED, "unknown user")
+    backend = service.config.backend(record.backend)
+    if backend is None:
+        raise LoginError(Failure.UNAVAILABLE, f"directory names unknown back-end {record.backend!r}")
+    from gateway.directory.records import normalize_login
+    normalized = normalize_login(login_name, service.config.directory.default_domain)
+    return Route(normalized, backend, record.backend_login or normalized, record)
+
+
+def connect(backend: BackendConfig, protocol: str) -> socket.socket:
+    """A TCP connection to the back-end's port for ``protocol``; raises LoginError."""
+    address = (backend.address, backend.port(protocol))
+    try:
+        sock = socket.create_connection(address, timeout=backend.connect_timeout)
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+        raise LoginError(Failure.UNAVAILABLE,
+                         f"connect {backend.name} {address[0]}:{address[1]}: {reason}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class Session:
+    """One client connection: identity, counters, state and the end-of-session log line."""
+
+    protocol = "?"
+
+    def __init__(self, service, client: socket.socket, address, listen):
+        self.service = service
+        self.client = client
+        self.client_address = address[0] if isinstance(address, tuple) else str(address)
+        self.client_port = address[1] if isinstance(address, tuple) else 0
+        self.listen = listen
+        self.id = service.new_session_id()
+        self.state = State.PREAUTH
+        self.started = time.monotonic()
+        self.last_activity = self.started
+        self.login_name = ""
+        self.backend_name = ""
+        self.backend: socket.socket | None = None
+        self.bytes_in = 0       # client → gateway
+        self.bytes_out = 0      # gateway → client
+        self.end_reason = ""
+        self.closing = False
+        self.login_failures = 0
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    # -- the login, shared by the protocols ------------------------------------------------
+
+    max_login_failures = 5
+
+    def login(self, login_name: str, password: str, mechanism: str) -> bool:
+        """Route the login, open the back-end and replay the login there.
+
+        The protocol supplies ``backend_login(route, password, mechanism)`` (returns what
+        ``answer_success`` needs) and ``answer_failure(failure)``.  True when proxying.
+        """
+        started = time.monotonic()
+        self.login_name = login_name
+        try:
+            found = route(self.service, login_name)
+            self.backend_name = found.backend.name
+            self.state = State.CONNECTING
+            self.backend = connect(found.backend, self.protocol)
+            self.state = State.LOGIN
+            result = self.backend_login(found, password, mechanism)
+        except LoginError as exc:
+            self.drop_backend()
+            self.login_failed(exc, started)
+            return False
+        self.login_name = found.login_name
+        self.state = State.PROXYING
+        log.info("session=%s proto=%s login=%s backend=%s mechanism=%s", self.id, self.protocol,
+                 _safe(found.login_name), found.backend.name, mechanism)
+        self.answer_success(result)
+        return True
+
+    def login_failed(self, exc: LoginError, started: float) -> None:
+        self.state = State.PREAUTH
+        log.info("session=%s proto=%s login failed login=%s reason=%s", self.id, self.protocol,
+                 _safe(self.login_name), exc.detail)
+        if exc.failure is Failure.AUTH_FAILED:
+            # Unknown user and wrong password are answered alike and after the same delay.
+            delay = self.service.config.server.auth_failure_delay - (time.monotonic() - started)
+            if delay > 0:
+                time.sleep(delay)   # gevent-patched in workers
+        self.answer_failure(exc.failure)
+        self.login_failures += 1
+        if self.login_failures >= self.max_login_failures:
+            raise TooManyFailures("too many login failures")
+
+    def drop_backend(self) -> None:
+        if self.backend is not None:
+            try:
+                self.backend.close()
+            except OSError:
+                pass
+            self.backend = None
+
+    def backend_login(self, found: Route, password: str, mechanism: str):
+        raise NotImplementedError
+
+    def answer_success(self, result) -> None:
+        raise NotImplementedError
+
+    def answer_failure(self, failure: Failure) -> None:
+        raise NotImplementedError
+
+    # -- output to the client ----------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Write to the client; a dead client becomes ClientGone."""
+        try:
+            self.client.sendall(data)
+        except OSError as exc:
+            raise ClientGone(f"send failed: {exc.strerror or exc}") from None
+        self.bytes_out += len(data)
+
+    def end(self, reason: str) -> None:
+        if not self.end_reason:
+            self.end_reason = reason
+
+    def goodbye(self, text: str) -> None:
+        """Server-initiated close (shutdown, kick); protocols add their goodbye line."""
+        self.end(text)
+        self.closing = True
+        self.close()
+
+    def close(self) -> None:
+        for sock in (self.backend, self.client):
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def log_end(self) -> None:
+        duration = time.monotonic() - self.started
+        log.info("session=%s proto=%s client=%s:%s login=%s backend=%s state=%s duration=%.3fs "
+                 "in=%d out=%d end=%s", self.id, self.protocol, self.client_address,
+                 self.client_port, _safe(self.login_name) or "-", self.backend_name or "-",
+                 self.state.value, duration, self.bytes_in, self.bytes_out,
+                 _safe(self.end_reason) or "-")
+
+
+def _safe(text: str) -> str:
+    """A client-supplied string made safe for one log line (no CR/LF, bounded)."""
+    return text.encode("unicode_escape").decode("ascii")[:200].replace(" ", "\\x20")

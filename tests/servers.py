@@ -1,0 +1,668 @@
+"""Real servers for the test suite: Redis, Dovecot and the gateway itself.
+
+Each server runs on free loopback ports in its own temporary folder, in its own process group,
+and ``stop()`` always leaves nothing behind (TERM, then KILL of the whole group).  Anything still
+running when the interpreter exits is stopped by an ``atexit`` hook, so an interrupted test run
+does not leak daemons.  No pytest import: the benchmarks use this module too.
+"""
+from __future__ import annotations
+
+import atexit
+import csv
+import grp
+import imaplib
+import itertools
+import json
+import os
+import poplib
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+_SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+_running: set = set()   # servers started and not yet stopped, for the atexit hook
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0, process=None) -> None:
+    """Return once host:port accepts a TCP connection; TimeoutError after ``timeout``.
+
+    With ``process`` (a Popen), a RuntimeError is raised as soon as it exits.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process {process.pid} exited with {process.returncode} "
+                               f"before {host}:{port} accepted connections")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{host}:{port} did not accept a connection "
+                                   f"within {timeout}s") from None
+            time.sleep(0.02)
+
+
+def find_binary(name: str) -> str | None:
+    """The path of an executable, also looking in sbin folders a non-root PATH may lack."""
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN_DIRS))
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"({path} is unreadable)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _pids_in_group(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _proc_stat(int(entry))
+        if fields and fields[2] == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int, str] | None:
+    """(state, ppid, pgrp, comm) of a process from /proc/PID/stat, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    comm = raw[raw.index("(") + 1:raw.rindex(")")]
+    rest = raw[raw.rindex(")") + 2:].split()
+    return rest[0], int(rest[1]), int(rest[2]), comm
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class _Process:
+    """A child started in its own session; stop() ends the whole process group."""
+
+    name = "server"
+    signal_group = False   # stop() signals the whole process group, not only the main pid
+
+    def __init__(self, tmpdir):
+        self.tmpdir = Path(tmpdir)
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        self.process: subprocess.Popen | None = None
+        self.leftover_pids: list[int] = []   # group members still alive after the main pid exited
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def _spawn(self, argv, log_path: Path, **kwargs) -> None:
+        with open(log_path, "ab") as log:
+            # A file, not a pipe: daemons keep inherited descriptors open for ever.
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            **kwargs)
+        _running.add(self)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Send ``sig`` to the main process, wait, then SIGKILL whatever is left of the group.
+
+        Returns the main process's exit code (negative: killed by that signal).
+        """
+        proc = self.process
+        if proc is None:
+            return None
+        try:
+            if proc.poll() is None:
+                try:
+                    if self.signal_group:
+                        os.killpg(proc.pid, sig)
+                    else:
+                        proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._kill_group(proc.pid)
+                    proc.wait(10)
+            grace = time.monotonic() + 1   # children that got the signal too are still exiting
+            while _pids_in_group(proc.pid) and time.monotonic() < grace:
+                time.sleep(0.02)
+            self.leftover_pids = _pids_in_group(proc.pid)
+            self._kill_group(proc.pid)
+        finally:
+            _running.discard(self)
+        return proc.returncode
+
+    @staticmethod
+    def _kill_group(pgid: int) -> None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + 10
+        while _pids_in_group(pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+@atexit.register
+def _stop_everything() -> None:
+    for server in list(_running):
+        try:
+            server.stop(timeout=5)
+        except Exception:   # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+class RedisServer(_Process):
+    """A private redis-server on a free loopback port, without persistence."""
+
+    name = "redis"
+    DATABASES = 64
+
+    def __init__(self, tmpdir):
+        super().__init__(tmpdir)
+        self.host = LOOPBACK
+        self.port = 0
+        self._next_db = itertools.count(1)   # db 0 is .url; allocate_db() hands out the rest
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def url_for_db(self, db: int) -> str:
+        return f"redis://{self.host}:{self.port}/{db}"
+
+    def allocate_db(self) -> str:
+        """The URL of a database index no other caller got; it is flushed first."""
+        db = next(self._next_db)
+        if db >= self.DATABASES:
+            raise RuntimeError(f"more than {self.DATABASES - 1} Redis databases allocated")
+        with self.client(db) as client:
+            client.flushdb()
+        return self.url_for_db(db)
+
+    def client(self, db: int = 0):
+        import redis
+        return redis.Redis(host=self.host, port=self.port, db=db, socket_timeout=5)
+
+    def log_text(self) -> str:
+        return (self.tmpdir / "redis.log").read_text(errors="replace")
+
+    def start(self) -> "RedisServer":
+        binary = find_binary("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed")
+        self.port = free_port()
+        conf = self.tmpdir / "redis.conf"
+        conf.write_text("\n".join([
+            f"port {self.port}",
+            f"bind {self.host}",
+            f"dir {self.tmpdir}",
+            'save ""',
+            "appendonly no",
+            "daemonize no",
+            f"databases {self.DATABASES}",
+            f"logfile {self.tmpdir / 'redis.log'}",
+            "",
+        ]))
+        self._spawn([binary, str(conf)], self.tmpdir / "redis.stdout")
+        try:
+            wait_for_port(self.host, self.port, 10, self.process)
+            with self.client() as client:
+                client.ping()
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"redis-server did not start: {exc}\n"
+                               f"{_tail(self.tmpdir / 'redis.log')}") from exc
+        return self
+
+
+class Dovecot(_Process):
+    """A real Dovecot with passwd-file users, Maildir storage, IMAP and POP3 on loopback.
+
+    ``users`` maps login → plaintext password.  ``passdb_extra`` / ``userdb_extra`` map a
+    login to extra passwd-file fields ("nologin=y host=10.0.0.1 proxy_maybe=y"); userdb fields
+    get the ``userdb_`` prefix they need.  ``extra_conf`` is appended to dovecot.conf.
+
+    Runtime files live in a fresh 0755 folder under /tmp (``.root``): Dovecot's unprivileged
+    processes must traverse it, and pytest's own temporary folders are 0700.  ``tmpdir`` gets a
+    symlink to it and, after stop(), copies of the logs.
+    """
+
+    name = "dovecot"
+    signal_group = True   # TERM to the master alone makes it wait ~1 s for its children
+
+    def __init__(self, tmpdir, name: str, users: dict[str, str], *, extra_conf: str = "",
+                 passdb_extra: dict[str, str] | None = None,
+                 userdb_extra: dict[str, str] | None = None):
+        super().__init__(tmpdir)
+        self.name = name
+        self.users = dict(users)
+        self.extra_conf = extra_conf
+        self.passdb_extra = dict(passdb_extra or {})
+        self.userdb_extra = dict(userdb_extra or {})
+        for login, password in self.users.items():
+            for text in (login, password, self.passdb_extra.get(login, ""),
+                         self.userdb_extra.get(login, "")):
+                if ":" in text or "\n" in text or "\r" in text:
+                    raise ValueError(f"passwd-file fields cannot hold ':' or newlines: {text!r}")
+        self.host = LOOPBACK
+        self.imap_port = 0
+        self.pop3_port = 0
+        self.root: Path | None = None
+        self._seq = itertools.count()
+        if os.geteuid() == 0:
+            # Dovecot refuses uid 0 for mail; nobody exists everywhere.
+            self.mail_user = "nobody"
+            self.mail_group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+            self.internal_user, self.login_user = "dovecot", "dovenull"
+        else:
+            self.mail_user = pwd.getpwuid(os.getuid()).pw_name
+            self.mail_group = grp.getgrgid(os.getgid()).gr_name
+            self.internal_user = self.login_user = self.mail_user
+        self.mail_uid = pwd.getpwnam(self.mail_user).pw_uid
+        self.mail_gid = grp.getgrnam(self.mail_group).gr_gid
+
+    # -- files ------------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "dovecot.conf"
+
+    def home(self, user: str) -> Path:
+        return self.root / "mail" / user
+
+    def maildir(self, user: str) -> Path:
+        return self.home(user) / "Maildir"
+
+    def _passwd_file(self) -> str:
+        lines = []
+        for login, password in self.users.items():
+            extra = self.passdb_extra.get(login, "").split()
+            extra += [f if f.startswith("userdb_") else f"userdb_{f}"
+                      for f in self.userdb_extra.get(login, "").split()]
+            lines.append(f"{login}:{{PLAIN}}{password}::::::{' '.join(extra)}")
+        return "\n".join(lines) + "\n"
+
+    def _config(self) -> str:
+        root = self.root
+        not_root = os.geteuid() != 0
+        no_chroot = "  chroot =\n" if not_root else ""
+        return f"""\
+# Written by tests/servers.py for the {self.name!r} test back-end.
+base_dir = {root}/run
+state_dir = {root}/state
+instance_name = mailgate-test-{self.name}
+log_path = {root}/dovecot.log
+info_log_path = {root}/dovecot.info.log
+debug_log_path = {root}/dovecot.info.log
+protocols = imap pop3
+listen = {self.host}
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+auth_cache_size = 0
+# Wrong passwords are tested on purpose, all from 127.0.0.1: no failure delay, no penalty
+# (a failure is still answered on Dovecot's next 0.5 s auth-failure tick).
+auth_failure_delay = 0
+auth_verbose = yes
+mail_debug = no
+mail_max_userip_connections = 1000
+login_trusted_networks = 127.0.0.0/8
+imap_id_retain = yes
+pop3_uidl_format = %08Xu%08Xv
+mail_location = maildir:~/Maildir
+default_internal_user = {self.internal_user}
+default_internal_group = {self.mail_group if not_root else "dovecot"}
+default_login_user = {self.login_user}
+first_valid_uid = {min(self.mail_uid, 500) if self.mail_uid else 1}
+first_valid_gid = 1
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {root}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {root}/users
+  default_fields = uid={self.mail_uid} gid={self.mail_gid} home={root}/mail/%u
+}}
+service imap-login {{
+{no_chroot}  inet_listener imap {{
+    address = {self.host}
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+{no_chroot}  inet_listener pop3 {{
+    address = {self.host}
+    port = {self.pop3_port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+service anvil {{
+{no_chroot}  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
+{self.extra_conf}
+"""
+
+    def _make_dir(self, path: Path) -> None:
+        """mkdir -p, with every created folder owned by the mail user."""
+        missing = []
+        while not path.exists():
+            missing.append(path)
+            path = path.parent
+        for folder in reversed(missing):
+            folder.mkdir(mode=0o700)
+            os.chown(folder, self.mail_uid, self.mail_gid)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> "Dovecot":
+        binary = find_binary("dovecot")
+        if binary is None:
+            raise FileNotFoundError("dovecot is not installed")
+        self.root = Path(tempfile.mkdtemp(prefix=f"mailgate-dovecot-{self.name}-", dir="/tmp"))
+        self.root.chmod(0o755)
+        link = self.tmpdir / f"dovecot-{self.name}"
+        if not link.exists():
+            link.symlink_to(self.root)
+        self.imap_port, self.pop3_port = free_port(), free_port()
+        (self.root / "users").write_text(self._passwd_file())
+        (self.root / "users").chmod(0o644)   # read by the auth process (default_internal_user)
+        (self.root / "mail").mkdir(mode=0o755)
+        os.chown(self.root / "mail", self.mail_uid, self.mail_gid)
+        for login in self.users:
+            self._make_dir(self.maildir(login))
+        self.config_path.write_text(self._config())
+        self._spawn([binary, "-F", "-c", str(self.config_path)], self.root / "dovecot.stderr")
+        try:
+            wait_for_port(self.host, self.imap_port, 10, self.process)
+            wait_for_port(self.host, self.pop3_port, 10, self.process)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"dovecot {self.name} did not start: {exc}\n"
+                               f"{self.log_text()}") from exc
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        """Stop the master and every child; copy the logs into tmpdir; remove the root."""
+        try:
+            return super().stop(sig, timeout)
+        finally:
+            if self.root is not None and self.root.exists():
+                for log in ("dovecot.log", "dovecot.info.log", "dovecot.stderr", "dovecot.conf"):
+                    if (self.root / log).exists():
+                        shutil.copy(self.root / log, self.tmpdir / f"{self.name}-{log}")
+                shutil.rmtree(self.root, ignore_errors=True)
+                link = self.tmpdir / f"dovecot-{self.name}"
+                if link.is_symlink():
+                    link.unlink()
+
+    def log_text(self) -> str:
+        """Everything Dovecot logged so far (error log, info log and the master's stderr)."""
+        parts = []
+        for log in ("dovecot.stderr", "dovecot.log", "dovecot.info.log"):
+            for path in ((self.root / log) if self.root else None,
+                         self.tmpdir / f"{self.name}-{log}"):
+                if path is not None and path.exists():
+                    parts.append(path.read_text(errors="replace"))
+                    break
+        return "".join(parts)
+
+    # -- mail and clients -------------------------------------------------------------------
+
+    def deliver(self, user: str, message: bytes, folder: str = "INBOX") -> Path:
+        """Drop ``message`` into the user's Maildir new/ (tmp/ then rename, as Maildir asks)."""
+        base = self.maildir(user)
+        if folder.upper() != "INBOX":
+            base = base / ("." + folder.replace("/", "."))   # Maildir++ layout
+        for sub in ("cur", "new", "tmp"):
+            self._make_dir(base / sub)
+        unique = (f"{time.time_ns() // 1000}.P{os.getpid()}Q{next(self._seq)}"
+                  f".mailgate-test")
+        if isinstance(message, str):
+            message = message.encode()
+        staged = base / "tmp" / unique
+        staged.write_bytes(message)
+        os.chown(staged, self.mail_uid, self.mail_gid)
+        os.chmod(staged, 0o600)
+        final = base / "new" / unique
+        os.rename(staged, final)
+        return final
+
+    def imap(self, user: str, password: str | None = None) -> imaplib.IMAP4:
+        """An imaplib client logged in to this Dovecot directly (no gateway)."""
+        password = self.users[user] if password is None else password
+        client = imaplib.IMAP4(self.host, self.imap_port, timeout=10)
+        try:
+            if password.isascii():
+                client.login(user, password)
+            else:   # imaplib's LOGIN only sends ASCII
+                secret = b"\0" + user.encode() + b"\0" + password.encode()
+                client.authenticate("PLAIN", lambda _challenge: secret)
+        except BaseException:
+            client.shutdown()
+            raise
+        return client
+
+    def pop3(self, user: str, password: str | None = None) -> poplib.POP3:
+        """A poplib client logged in to this Dovecot directly (no gateway)."""
+        password = self.users[user] if password is None else password
+        client = poplib.POP3(self.host, self.pop3_port, timeout=10)
+        try:
+            client.user(user)
+            client.pass_(password)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)   # JSON's escapes are valid TOML
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_table(header: str, values: dict) -> str:
+    lines = [header]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _server_keys() -> set[str]:
+    """The [server] keys this checkout's gateway.config knows (it grows while we write tests)."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.append(str(REPO_ROOT))
+    try:
+        from gateway.config import ServerConfig
+    except ImportError:
+        return set()
+    return set(ServerConfig.__dataclass_fields__)
+
+
+class GatewayProcess(_Process):
+    """``python -m gateway serve`` with a generated config, in its own session.
+
+    ``backends`` maps a name to (host, imap_port, pop3_port) or to a dict of
+    [backends.NAME] keys.  ``sections`` adds keys to (or adds) other top-level tables,
+    e.g. ``{"directory": {"miss": "unavailable"}, "imap": {"preauth_timeout": 2}}``;
+    ``extra_toml`` is appended verbatim (it must not repeat a generated table).
+    """
+
+    name = "gateway"
+
+    def __init__(self, tmpdir, *, backends: dict, redis_url: str, workers: int = 2,
+                 extra_toml: str = "", server_overrides: dict | None = None,
+                 protocols=("imap", "pop3"), sections: dict | None = None):
+        super().__init__(tmpdir)
+        self.backends = backends
+        self.redis_url = redis_url
+        self.workers = workers
+        self.extra_toml = extra_toml
+        self.server_overrides = dict(server_overrides or {})
+        self.protocols = tuple(protocols)
+        self.sections = {k: dict(v) for k, v in (sections or {}).items()}
+        self.host = LOOPBACK
+        self.ports: dict[str, int] = {}
+        self.config_path = self.tmpdir / "gateway.toml"
+        self.log_path = self.tmpdir / "gateway.log"
+
+    @property
+    def imap_port(self) -> int | None:
+        return self.ports.get("imap")
+
+    @property
+    def pop3_port(self) -> int | None:
+        return self.ports.get("pop3")
+
+    def write_config(self) -> Path:
+        """Write the TOML config (new free ports each time) and return its path."""
+        self.ports = {protocol: free_port() for protocol in self.protocols}
+        sections = {k: dict(v) for k, v in self.sections.items()}
+        server = {"workers": self.workers, "graceful_timeout": 5, "heartbeat_timeout": 10,
+                  "run_dir": str(self.tmpdir / "run"), "log_level": "debug"}
+        if "auth_failure_delay" in _server_keys():
+            server["auth_failure_delay"] = 0   # tests fail logins on purpose; not the default
+        server.update(self.server_overrides)
+        server.update(sections.pop("server", {}))
+        parts = [_toml_table("[server]", server)]
+        for protocol, port in self.ports.items():
+            parts.append(_toml_table("[[listen]]", {
+                "protocol": protocol, "address": f"{self.host}:{port}",
+                "tls": "none", "proxy_protocol": False}))
+        parts.append(_toml_table("[redis]", {"url": self.redis_url, **sections.pop("redis", {})}))
+        for name, backend in self.backends.items():
+            if not isinstance(backend, dict):
+                host, imap_port, pop3_port = backend
+                backend = {"address": host, "imap_port": imap_port, "pop3_port": pop3_port}
+            parts.append(_toml_table(f"[backends.{json.dumps(name)}]", backend))
+        parts.append(_toml_table("[directory]",
+                                 {"source": "export", **sections.pop("directory", {})}))
+        for name, values in sections.items():
+            parts.append(_toml_table(f"[{name}]", values))
+        if self.extra_toml:
+            parts.append(self.extra_toml)
+        self.config_path.write_text("\n".join(parts))
+        return self.config_path
+
+    def _env(self) -> dict:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def start(self, timeout: float = 30.0) -> "GatewayProcess":
+        """Start the master and wait until every listener accepts a connection."""
+        self.write_config()
+        self._spawn([sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
+                    self.log_path, cwd=REPO_ROOT, env=self._env())
+        deadline = time.monotonic() + timeout
+        try:
+            for port in self.ports.values():
+                wait_for_port(self.host, port, max(0.1, deadline - time.monotonic()),
+                              self.process)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop(timeout=5)
+            raise RuntimeError(f"gateway did not start: {exc}\n--- {self.log_path} ---\n"
+                               f"{_tail(self.log_path)}") from exc
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """Signal the master, wait up to ``timeout``, then SIGKILL its process group.
+
+        Returns the master's exit code; ``leftover_pids`` lists group members that were
+        still alive after the master exited (orphaned workers, a forgotten redis-server).
+        """
+        return super().stop(sig, timeout)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.process.pid, sig)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def worker_pids(self) -> list[int]:
+        """The master's direct children that are workers (an embedded redis-server is not)."""
+        master = self.pid
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            stat = _proc_stat(int(entry))
+            if stat is None or stat[1] != master or stat[0] == "Z":
+                continue
+            if stat[3] == "redis-server" or "redis-server" in _cmdline(int(entry)):
+                continue
+            found.append(int(entry))
+        return sorted(found)
+
+    def route(self, routes: dict) -> subprocess.CompletedProcess:
+        """Write a directory export (login → backend or (backend, backend_login)) and sync it."""
+        export = self.tmpdir / f"routes-{time.time_ns()}.csv"
+        with open(export, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["login", "backend", "backend_login"])
+            for login, target in routes.items():
+                backend, backend_login = (target, "") if isinstance(target, str) else target
+                writer.writerow([login, backend, backend_login])
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "sync", "export", str(export),
+             "--config", str(self.config_path)],
+            cwd=REPO_ROOT, env=self._env(), capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"gateway sync export failed with {result.returncode}:\n"
+                               f"{result.stdout}{result.stderr}")
+        return result

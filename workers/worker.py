@@ -1,0 +1,113 @@
+"""One gevent worker: patched after fork, serves every inherited listening socket.
+
+Imported only in the child process (see arbiter.spawn), so the master stays unpatched.
+"""
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.event import Event  # noqa: E402
+from gevent.pool import Pool  # noqa: E402
+from gevent.server import StreamServer  # noqa: E402
+
+log = logging.getLogger("mailgate.worker")
+
+# Several processes accept from one socket: take few connections per wake-up so that the
+# kernel's wake-ups spread new clients across workers (gevent's default is 100).
+MAX_ACCEPT = 1
+
+
+class Worker:
+    """Serves the inherited sockets until TERM (drain) or QUIT (now)."""
+
+    def __init__(self, config, fds: dict, heartbeat, redis_url: str):
+        self.config = config
+        self.heartbeat = heartbeat
+        self.master_pid = os.getppid()
+        self.stop_event = Event()
+        self.graceful = True
+        from gateway.service import Service  # protocol code: in the worker only
+        self.service = Service(config, redis_url)
+        self.servers: list[StreamServer] = []
+        for listen in config.listen:
+            fd = fds[listen.host_port]
+            listener = socket.socket(fileno=os.dup(fd))
+            listener.setblocking(False)
+            pool = Pool(config.server.max_connections)
+            server = StreamServer(listener, self.service.handler(listen), spawn=pool)
+            server.max_accept = MAX_ACCEPT
+            self.servers.append(server)
+
+    def run(self) -> int:
+        gevent.signal_handler(signal.SIGTERM, self.request_stop, True)
+        gevent.signal_handler(signal.SIGQUIT, self.request_stop, False)
+        # Ctrl-C reaches the whole foreground group: the master decides, the worker waits
+        # for the master's TERM.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for server in self.servers:
+            server.start()
+        beat = gevent.spawn(self.beat)
+        log.info("worker pid=%d serving", os.getpid())
+        self.stop_event.wait()
+        self.drain()
+        beat.kill()
+        return 0
+
+    def request_stop(self, graceful: bool) -> None:
+        self.graceful = self.graceful and graceful
+        if self.stop_event.is_set() and not graceful:
+            self.service.shutdown(graceful=False)
+        self.stop_event.set()
+
+    def beat(self) -> None:
+        """Change the heartbeat file's ctime; the master kills a worker that stops."""
+        interval = max(self.config.server.heartbeat_timeout / 4, 0.1)
+        state = 0
+        while True:
+            state ^= 1
+            os.fchmod(self.heartbeat.fileno(), state)
+            if os.getppid() != self.master_pid:
+                log.error("master pid=%d is gone; stopping", self.master_pid)
+                self.graceful = False
+                self.stop_event.set()
+                return
+            gevent.sleep(interval)
+
+    def drain(self) -> None:
+        """Stop accepting; let sessions finish (graceful) or say goodbye now."""
+        for server in self.servers:
+            server.close()
+        pools = [server.pool for server in self.servers]
+        if self.graceful:
+            log.info("worker pid=%d draining %d sessions", os.getpid(), self.service.open_sessions())
+            deadline = self.config.server.graceful_timeout
+            with gevent.Timeout(deadline, False):
+                while any(len(p) for p in pools) and self.graceful:
+                    gevent.sleep(0.1)
+        self.service.shutdown(graceful=False)
+        with gevent.Timeout(2, False):
+            for pool in pools:
+                pool.join()
+        for pool in pools:
+            pool.kill(block=True, timeout=1)
+
+
+def main(config, fds: dict, heartbeat, redis_url: str) -> int:
+    """Run a worker in this (freshly forked) process; the return value is the exit status."""
+    from gateway import logs
+    logs.setup(config.server.log_level)
+    try:
+        worker = Worker(config, fds, heartbeat, redis_url)
+    except Exception:
+        log.exception("worker pid=%d cannot start", os.getpid())
+        from workers.arbiter import WORKER_BOOT_ERROR
+        return WORKER_BOOT_ERROR
+    return worker.run()
