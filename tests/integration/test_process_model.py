@@ -1,0 +1,267 @@
+"""The master/worker process model, against the real ``python -m gateway serve`` subprocess."""
+from __future__ import annotations
+
+import imaplib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import servers
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
+    """Poll until predicate() is truthy; returns its value or None on timeout (never hangs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+def greet(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        return sock.recv(200)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_worker_count_and_both_protocols_answer(make_gateway):
+    gateway = make_gateway(workers=3)
+    assert wait_until(lambda: len(gateway.worker_pids()) == 3)
+    assert greet(gateway.imap_port).startswith(b"* OK ")
+    assert greet(gateway.pop3_port).startswith(b"+OK ")
+
+
+def test_killed_worker_is_replaced(make_gateway):
+    gateway = make_gateway(workers=2)
+    before = wait_until(lambda: (p := gateway.worker_pids()) and len(p) == 2 and p)
+    victim = before[0]
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    after = wait_until(lambda: (p := gateway.worker_pids()) and len(p) == 2 and victim not in p and p)
+    assert after, gateway.log_text()[-2000:]
+    print(f"SIGKILL → replacement worker seen after {time.monotonic() - killed_at:.3f}s")
+    assert greet(gateway.imap_port).startswith(b"* OK ")
+    assert "died (signal SIGKILL); replacing it" in gateway.log_text()
+
+
+def test_ttin_and_ttou_change_the_worker_count(make_gateway):
+    gateway = make_gateway(workers=2)
+    assert wait_until(lambda: len(gateway.worker_pids()) == 2)
+    gateway.signal(signal.SIGTTIN)
+    assert wait_until(lambda: len(gateway.worker_pids()) == 3)
+    gateway.signal(signal.SIGTTOU)
+    assert wait_until(lambda: len(gateway.worker_pids()) == 2)
+    gateway.signal(signal.SIGTTOU)   # (a signal sent while the same one is pending merges)
+    assert wait_until(lambda: len(gateway.worker_pids()) == 1)
+
+
+def test_hung_worker_is_killed_and_replaced(make_gateway):
+    gateway = make_gateway(workers=1, server_overrides={"heartbeat_timeout": 1.5})
+    (worker,) = wait_until(lambda: (p := gateway.worker_pids()) and len(p) == 1 and p)
+    os.kill(worker, signal.SIGSTOP)   # a worker whose loop no longer runs
+    replaced = wait_until(lambda: (p := gateway.worker_pids()) and worker not in p and p)
+    assert replaced, gateway.log_text()[-2000:]
+    assert "missed its heartbeat" in gateway.log_text()
+    assert greet(gateway.imap_port).startswith(b"* OK ")
+
+
+def test_hup_during_a_stream_of_connections_refuses_none(make_gateway):
+    gateway = make_gateway(workers=2)
+    old = wait_until(lambda: (p := gateway.worker_pids()) and len(p) == 2 and p)
+    errors, done = [], []
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                if not greet(gateway.imap_port).startswith(b"* OK "):
+                    errors.append("bad greeting")
+                done.append(1)
+            except OSError as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        gateway.signal(signal.SIGHUP)
+        renewed = wait_until(lambda: (p := gateway.worker_pids()) and len(p) == 2
+                             and not set(p) & set(old) and p)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert renewed, gateway.log_text()[-2000:]
+    assert errors == []
+    assert len(done) > 50
+
+
+def test_hup_with_an_invalid_config_keeps_running(make_gateway):
+    gateway = make_gateway(workers=1)
+    old = wait_until(lambda: gateway.worker_pids())
+    good = gateway.config_path.read_text()
+    gateway.config_path.write_text(good + "\n[server]\nbogus = 1\n")
+    gateway.signal(signal.SIGHUP)
+    assert wait_until(lambda: "new config rejected" in gateway.log_text())
+    assert gateway.worker_pids() == old
+    assert greet(gateway.imap_port).startswith(b"* OK ")
+
+
+def test_term_lets_an_open_session_finish_then_exits_zero(make_gateway):
+    gateway = make_gateway(routes={"alice@example.com": "A"},
+                           server_overrides={"graceful_timeout": 4})
+    client = imaplib.IMAP4("127.0.0.1", gateway.imap_port, timeout=10)
+    client.login("alice@example.com", "alice-secret")
+    client.select("INBOX")
+    sent = time.monotonic()
+    gateway.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert client.noop()[0] == "OK"          # still served while draining
+    client.logout()
+    assert gateway.process.wait(timeout=15) == 0
+    print(f"TERM → master exit after {time.monotonic() - sent:.3f}s (session logged out)")
+
+
+def test_term_says_bye_to_sessions_that_outstay_the_graceful_timeout(make_gateway):
+    gateway = make_gateway(routes={"alice@example.com": "A"},
+                           server_overrides={"graceful_timeout": 1})
+    client = imaplib.IMAP4("127.0.0.1", gateway.imap_port, timeout=10)
+    client.login("alice@example.com", "alice-secret")
+    client.select("INBOX")
+    sent = time.monotonic()
+    gateway.signal(signal.SIGTERM)
+    assert gateway.process.wait(timeout=15) == 0
+    print(f"TERM → master exit after {time.monotonic() - sent:.3f}s (graceful_timeout 1s)")
+    rest = client.sock.recv(4096)
+    assert rest.startswith(b"* BYE")
+
+
+def test_quit_is_a_fast_stop(make_gateway):
+    gateway = make_gateway(routes={"alice@example.com": "A"},
+                           server_overrides={"graceful_timeout": 30})
+    client = imaplib.IMAP4("127.0.0.1", gateway.imap_port, timeout=10)
+    client.login("alice@example.com", "alice-secret")
+    gateway.signal(signal.SIGQUIT)
+    assert gateway.process.wait(timeout=10) == 0   # did not wait for the 30 s drain
+    assert client.sock.recv(4096).startswith(b"* BYE")
+
+
+def test_worker_that_fails_at_boot_stops_the_master(make_gateway):
+    gateway = make_gateway(start=False, redis_url="nosuchscheme://nowhere")
+    gateway.write_config()
+    result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config",
+                             str(gateway.config_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 3
+    assert "failed to boot" in result.stderr
+    assert result.stderr.count("worker pid=") < 20   # no respawn loop
+
+
+def test_bind_failure_names_the_address_and_exits_2(make_gateway, tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        gateway = make_gateway(start=False)
+        gateway.write_config()
+        text = gateway.config_path.read_text().replace(
+            f"127.0.0.1:{gateway.imap_port}", f"127.0.0.1:{port}")
+        gateway.config_path.write_text(text)
+        result = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config",
+                                 str(gateway.config_path)], cwd=REPO, capture_output=True,
+                                text=True, timeout=60)
+    finally:
+        busy.close()
+    assert result.returncode == 2
+    assert f"cannot bind 127.0.0.1:{port}: Address already in use" in result.stderr
+
+
+def test_embedded_redis_serves_lookups_and_stops_with_the_master(make_gateway):
+    gateway = make_gateway(redis_url="", routes={"alice@example.com": "A"})
+    client = imaplib.IMAP4("127.0.0.1", gateway.imap_port, timeout=10)
+    client.login("alice@example.com", "alice-secret")
+    client.logout()
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                and servers._proc_stat(int(p)) and servers._proc_stat(int(p))[1] == gateway.pid]
+    redis_pids = [p for p in children if "redis-server" in servers._cmdline(p)]
+    assert len(redis_pids) == 1
+    assert gateway.stop() == 0
+    assert not alive(redis_pids[0])
+
+
+def test_pidfile_is_written_and_removed(make_gateway, tmp_path):
+    pidfile = tmp_path / "mailgate.pid"
+    gateway = make_gateway(server_overrides={"pidfile": str(pidfile)})
+    assert pidfile.read_text().strip() == str(gateway.pid)
+    assert gateway.stop() == 0
+    assert not pidfile.exists()
+
+
+def test_master_never_imports_gevent_or_protocol_code():
+    probe = ("import sys, gateway.__main__, workers.arbiter, workers.services, workers.sockets;"
+             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('gevent', 'greenlet')"
+             " or m.startswith(('gateway.imap', 'gateway.pop3', 'gateway.session')));"
+             "print(bad)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_check_config_accepts_the_example_and_rejects_typos(tmp_path):
+    example = REPO / "deploy" / "gateway.example.toml"
+    ok = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
+                         str(example)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text(example.read_text().replace("graceful_timeout", "gracefull_timeout"))
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
+                             str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"{bad}: server.gracefull_timeout: unknown key" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server missing")
+def test_example_config_runs_like_make_run(tmp_path):
+    """`make run` serves deploy/gateway.example.toml: both listeners answer, TERM stops it."""
+    example = (REPO / "deploy" / "gateway.example.toml").read_text()
+    imap_port, pop3_port = servers.free_port(), servers.free_port()
+    config = tmp_path / "example.toml"
+    config.write_text(example.replace("127.0.0.1:10143", f"127.0.0.1:{imap_port}")
+                      .replace("127.0.0.1:10110", f"127.0.0.1:{pop3_port}"))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        servers.wait_for_port("127.0.0.1", imap_port, 30, process)
+        servers.wait_for_port("127.0.0.1", pop3_port, 30, process)
+        assert greet(imap_port).startswith(b"* OK ")
+        assert greet(pop3_port).startswith(b"+OK ")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=40) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
