@@ -86,21 +86,40 @@ class BackendConfig:
 class DirectoryConfig:
     source: str = "export"            # "export" | "ldap"
     default_domain: str = ""          # appended to login names without "@"
-    miss: str = "unknown"             # cache miss: "unknown" user or "unavailable"
-    negative_ttl: int = 60
+    netbios_domain: str = ""          # "CORP": sAMAccountName x also logs in as CORP\x
+    miss: str = ""                    # cache miss: "read-through" (ldap) | "unknown" | "unavailable"
+    negative_ttl: int = 60            # seconds a read-through "no such user" is cached
     sync_interval: float = 0.0        # master runs an incremental sync this often (0 = never)
-    lookup_timeout: float = 2.0
-    ldap_url: str = ""
-    ldap_bind_dn: str = ""
+    lookup_timeout: float = 2.0       # bound of one read-through lookup
+    ldap_url: str = ""                # ldap://host[:port] or ldaps://host[:port]
+    ldap_bind_dn: str = ""            # empty: anonymous
     ldap_password: str = ""
     ldap_base: str = ""
     ldap_filter: str = "(objectClass=*)"
     ldap_start_tls: bool = False
-    ldap_page_size: int = 500
+    ldap_ca_file: str = ""            # CA bundle for ldaps:// and StartTLS ("" = system CAs)
+    ldap_page_size: int = 500         # paged results (Active Directory: at most 1000)
+    ldap_timeout: float = 30.0        # connect and per-response bound of the sync jobs
+    ldap_change_attribute: str = "modifyTimestamp"   # incremental mark; AD: "uSNChanged"
     login_attributes: tuple[str, ...] = ("uid", "mail")
-    backend_attribute: str = "mailHost"
+    backend_attribute: str = "mailHost"               # AD: "msExchHomeServerName"
     backend_login_attribute: str = ""
-    id_attribute: str = "entryUUID"
+    id_attribute: str = "entryUUID"                   # AD: "objectGUID"
+
+    @property
+    def read_through(self) -> bool:
+        return self.miss == "read-through"
+
+
+@dataclass(frozen=True)
+class ReferralConfig:
+    follow: bool = True                   # follow RFC 2221/2193 referrals for the client
+    allow_backends: bool = True           # the hosts of [backends] may be referred to
+    allowed_hosts: tuple[str, ...] = ()   # more hosts, as shell patterns ("*.mail.example.com")
+    max_hops: int = 3                     # login referrals followed in a row
+    pass_to_capable_clients: bool = False  # a client that uses RLIST/RLSUB sees referrals itself
+    connect_timeout: float = 5.0          # for referred hosts that are not [backends]
+    login_timeout: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,7 @@ class Config:
     pop3: ProtocolConfig
     backends: dict[str, BackendConfig]
     directory: DirectoryConfig
+    referrals: ReferralConfig = ReferralConfig()
 
     def backend(self, name: str) -> BackendConfig | None:
         """The [backends.NAME] entry for a directory back-end value (name or address)."""
@@ -194,7 +214,8 @@ def load(path: str) -> Config:
 def parse(raw: dict, path: str = "<config>") -> Config:
     """Validate an already-decoded TOML document."""
     reader = _Reader(path)
-    known = {"server", "listen", "tls", "redis", "imap", "pop3", "backends", "directory"}
+    known = {"server", "listen", "tls", "redis", "imap", "pop3", "backends", "directory",
+             "referrals"}
     for key in raw:
         if key not in known:
             raise reader.fail(key, "unknown section")
@@ -213,12 +234,53 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     if "pop3" not in raw or "idle_timeout" not in raw.get("pop3", {}):
         pop3 = dataclasses.replace(pop3, idle_timeout=600.0)  # RFC 1939 §3: at least 10 minutes
     backends = _backends(reader, raw.get("backends", {}))
-    directory = reader.table(DirectoryConfig, raw.get("directory", {}), "directory")
+    directory = _directory(reader, raw.get("directory", {}))
+    referrals = reader.table(ReferralConfig, raw.get("referrals", {}), "referrals")
+    return Config(path, server, listen, tls, redis, imap, pop3, backends, directory, referrals)
+
+
+DIRECTORY_MISS = ("read-through", "unknown", "unavailable")
+CHANGE_ATTRIBUTES = ("modifyTimestamp", "uSNChanged")
+
+
+def _directory(reader: _Reader, raw: Any) -> DirectoryConfig:
+    """[directory]; ``miss`` defaults to "read-through" for LDAP, "unknown" for exports."""
+    directory = reader.table(DirectoryConfig, raw, "directory")
     if directory.source not in ("export", "ldap"):
         raise reader.fail("directory.source", "must be \"export\" or \"ldap\"")
-    if directory.miss not in ("unknown", "unavailable"):
-        raise reader.fail("directory.miss", "must be \"unknown\" or \"unavailable\"")
-    return Config(path, server, listen, tls, redis, imap, pop3, backends, directory)
+    if not directory.miss:
+        directory = dataclasses.replace(
+            directory, miss="read-through" if directory.source == "ldap" else "unknown")
+    if directory.miss not in DIRECTORY_MISS:
+        raise reader.fail("directory.miss", "must be \"read-through\", \"unknown\" or "
+                                            "\"unavailable\"")
+    if directory.miss == "read-through" and directory.source != "ldap":
+        raise reader.fail("directory.miss", "\"read-through\" needs source = \"ldap\"")
+    if not directory.login_attributes:
+        raise reader.fail("directory.login_attributes", "must name at least one attribute")
+    if not directory.backend_attribute:
+        raise reader.fail("directory.backend_attribute", "is required")
+    if directory.ldap_page_size < 1:
+        raise reader.fail("directory.ldap_page_size", "must be at least 1")
+    if directory.ldap_change_attribute.lower() not in (a.lower() for a in CHANGE_ATTRIBUTES):
+        raise reader.fail("directory.ldap_change_attribute",
+                          f"must be one of {', '.join(CHANGE_ATTRIBUTES)}")
+    if directory.source == "ldap":
+        _check_ldap(reader, directory)
+    return directory
+
+
+def _check_ldap(reader: _Reader, directory: DirectoryConfig) -> None:
+    scheme = directory.ldap_url.partition("://")[0].lower()
+    if scheme not in ("ldap", "ldaps") or not directory.ldap_url.partition("://")[2]:
+        raise reader.fail("directory.ldap_url", "source = \"ldap\" needs ldap://HOST[:PORT] "
+                                                "or ldaps://HOST[:PORT]")
+    if scheme == "ldaps" and directory.ldap_start_tls:
+        raise reader.fail("directory.ldap_start_tls", "is for ldap:// URLs; ldaps:// is TLS already")
+    if not directory.ldap_base:
+        raise reader.fail("directory.ldap_base", "is required with source = \"ldap\"")
+    if directory.lookup_timeout <= 0:
+        raise reader.fail("directory.lookup_timeout", "must be above 0")
 
 
 def _listeners(reader: _Reader, raw: Any) -> tuple[ListenConfig, ...]:

@@ -23,6 +23,8 @@ class Service:
         self.redis_url = redis_url
         self.redis = cache.connect(config)
         self.directory = cache.Directory(self.redis, config.directory)
+        from gateway.imap.referrals import ReferralPolicy
+        self.referral_policy = ReferralPolicy(config)
         self.sessions: weakref.WeakSet = weakref.WeakSet()
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}"

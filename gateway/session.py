@@ -59,6 +59,14 @@ class Route:
     record: MailboxRecord
 
 
+@dataclass(frozen=True)
+class Target:
+    """One back-end to log in at: its settings and the login name it knows."""
+    backend: BackendConfig
+    login_name: str
+    mailbox: str | None = None     # set by a mailbox referral
+
+
 def route(service, login_name: str) -> Route:
     """Look the login up (one Redis round trip) and resolve its back-end; raises LoginError."""
     try:
@@ -134,11 +142,7 @@ class Session:
         self.login_name = login_name
         try:
             found = route(self.service, login_name)
-            self.backend_name = found.backend.name
-            self.state = State.CONNECTING
-            self.backend = connect(found.backend, self.protocol)
-            self.state = State.LOGIN
-            result = self.backend_login(found, password, mechanism)
+            result = self.login_routed(found, password, mechanism)
         except LoginError as exc:
             self.drop_backend()
             self.login_failed(exc, started)
@@ -146,9 +150,21 @@ class Session:
         self.login_name = found.login_name
         self.state = State.PROXYING
         log.info("session=%s proto=%s login=%s backend=%s mechanism=%s", self.id, self.protocol,
-                 _safe(found.login_name), found.backend.name, mechanism)
+                 _safe(found.login_name), self.backend_name, mechanism)
         self.answer_success(result)
         return True
+
+    def login_routed(self, found: Route, password: str, mechanism: str):
+        """Log in where the directory says; IMAP overrides this to follow referrals."""
+        return self.login_at(Target(found.backend, found.backend_login), password, mechanism)
+
+    def login_at(self, target: "Target", password: str, mechanism: str):
+        """Connect to one back-end and replay the login there (raises LoginError)."""
+        self.backend_name = target.backend.name
+        self.state = State.CONNECTING
+        self.backend = connect(target.backend, self.protocol)
+        self.state = State.LOGIN
+        return self.backend_login(target, password, mechanism)
 
     def login_failed(self, exc: LoginError, started: float) -> None:
         self.state = State.PREAUTH
@@ -172,7 +188,7 @@ class Session:
                 pass
             self.backend = None
 
-    def backend_login(self, found: Route, password: str, mechanism: str):
+    def backend_login(self, target: "Target", password: str, mechanism: str):
         raise NotImplementedError
 
     def answer_success(self, result) -> None:
@@ -190,6 +206,9 @@ class Session:
         except OSError as exc:
             raise ClientGone(f"send failed: {exc.strerror or exc}") from None
         self.bytes_out += len(data)
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
 
     def end(self, reason: str) -> None:
         if not self.end_reason:

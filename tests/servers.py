@@ -412,7 +412,9 @@ service anvil {{
         link = self.tmpdir / f"dovecot-{self.name}"
         if not link.exists():
             link.symlink_to(self.root)
-        self.imap_port, self.pop3_port = free_port(), free_port()
+        # Ports may be chosen before start() (a referral to this server must name them).
+        self.imap_port = self.imap_port or free_port()
+        self.pop3_port = self.pop3_port or free_port()
         (self.root / "users").write_text(self._passwd_file())
         (self.root / "users").chmod(0o644)   # read by the auth process (default_internal_user)
         (self.root / "mail").mkdir(mode=0o755)

@@ -10,7 +10,7 @@ import socket
 from collections import deque
 
 from gateway import sasl
-from gateway.imap import parser
+from gateway.imap import parser, referrals
 from gateway.imap.parser import Framer, Line, LiteralChunk, Response
 from gateway.session import Failure, LoginError
 
@@ -38,8 +38,10 @@ POSTAUTH_DROP = ("COMPRESS=", "LOGIN-REFERRALS", "MAILBOX-REFERRALS", "STARTTLS"
                  "LOGINDISABLED", "AUTH=", "SASL-IR")
 
 
-def filter_capabilities(capabilities: list[str]) -> list[str]:
-    return [c for c in capabilities if not c.upper().startswith(POSTAUTH_DROP)]
+def filter_capabilities(capabilities: list[str], keep: tuple[str, ...] = ()) -> list[str]:
+    """The back-end's capabilities less those the gateway cannot carry (``keep`` exempts)."""
+    return [c for c in capabilities
+            if c.upper() in keep or not c.upper().startswith(POSTAUTH_DROP)]
 
 
 def quoted(value: str) -> bytes | None:
@@ -106,6 +108,10 @@ class ImapBackend:
             return parser.parse_response(parts)
         except parser.ParseError as exc:
             raise self._fail(Failure.PROTOCOL, f"unparsable answer: {exc}") from None
+
+    def unbounded(self) -> None:
+        """After login: responses may carry literals of any size (they are streamed)."""
+        self.framer = Framer(max_line=MAX_RESPONSE_LINE, max_literal=None)
 
     def leftover(self) -> bytes:
         """Bytes already read from the back-end but not consumed (forwarded to the client)."""
@@ -180,6 +186,9 @@ class ImapBackend:
         if greeting.tag != "*" or greeting.kind not in ("OK", "BYE", "PREAUTH"):
             raise self._fail(Failure.PROTOCOL, f"bad greeting {greeting.kind}")
         if greeting.kind == "BYE":
+            referral = referrals.referral_of(greeting)
+            if referral:   # RFC 2221 §4.2: "* BYE [REFERRAL ...]" instead of a greeting
+                raise referrals.Referred(f"backend {self.name}: greeting referral", referral)
             raise self._fail(Failure.UNAVAILABLE, f"greeting BYE: {greeting.text}")
         if greeting.kind == "PREAUTH":
             raise self._fail(Failure.PROTOCOL, "greeting PREAUTH: a back-end must ask for a login")
@@ -212,6 +221,11 @@ class ImapBackend:
         if id_tag:
             self.await_tagged(id_tag)
         answer = self.await_tagged(tag)
+        referral = referrals.referral_of(answer)
+        if referral and answer.kind in ("OK", "NO"):
+            # RFC 2221 §4.1: NO = log in there instead; OK = logged in, but prefer there.
+            raise referrals.Referred(f"backend {self.name}: login referral ({answer.kind})",
+                                     referral, kept=answer if answer.kind == "OK" else None)
         if answer.kind == "OK":
             return answer
         code = answer.code.name if answer.code else ""

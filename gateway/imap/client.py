@@ -14,7 +14,7 @@ from collections import deque
 from gateway import relay as relay_mod
 from gateway import sasl
 from gateway import session as session_mod
-from gateway.imap import parser
+from gateway.imap import parser, referrals
 from gateway.imap.backend import ImapBackend, filter_capabilities
 from gateway.imap.parser import Atom, Framer, Line, LiteralChunk
 from gateway.imap.relay import CommandTracker
@@ -234,21 +234,40 @@ class ImapSession(session_mod.Session):
     def login_command(self, tag: str, login_name: str, password: str, mechanism: str) -> None:
         self.login_tag = tag
         try:
-            self.login(login_name, password, mechanism)
+            if self.login(login_name, password, mechanism) and self.follows_mailbox_referrals():
+                # RFC 2193: referred mailboxes are opened with the same credentials, so they
+                # stay in this session's memory (never logged) until it ends.
+                self.credentials = (password, mechanism)
         except session_mod.TooManyFailures:
             self.send(b"* BYE Too many login failures.\r\n")
             raise
 
-    def backend_login(self, found, password: str, mechanism: str):
-        backend = ImapBackend(self.backend, found.backend.name, found.backend.connect_timeout)
+    def follows_mailbox_referrals(self) -> bool:
+        return (self.service.config.referrals.follow and self.home is not None
+                and "MAILBOX-REFERRALS" in self.home.capabilities)
+
+    def login_routed(self, found, password: str, mechanism: str):
+        first = session_mod.Target(found.backend, found.backend_login)
+        return referrals.follow_login(self, first, password, mechanism)
+
+    def backend_login(self, target, password: str, mechanism: str):
+        self.backend_login_name = target.login_name
+        backend = ImapBackend(self.backend, target.backend.name, target.backend.connect_timeout)
         backend.greet()
-        self.backend.settimeout(found.backend.login_timeout)
-        answer = backend.login(found.backend_login, password, mechanism, self.id_fields())
+        self.backend.settimeout(target.backend.login_timeout)
+        try:
+            answer = backend.login(target.login_name, password, mechanism, self.id_fields())
+        except referrals.Referred as referred:
+            if referred.kept is not None:
+                referred.kept = (backend, referred.kept)
+            raise
         return backend, answer
 
     def answer_success(self, result) -> None:
         backend, answer = result
-        capabilities = filter_capabilities(backend.capability_words)
+        self.home = backend
+        keep = ("MAILBOX-REFERRALS",) if self.service.config.referrals.pass_to_capable_clients else ()
+        capabilities = filter_capabilities(backend.capability_words, keep)
         text = answer.text or "Logged in"
         self.send(self.login_tag.encode() + b" OK [CAPABILITY " + " ".join(capabilities).encode() +
                   b"] " + text.encode("utf-8", "replace") + b"\r\n")
@@ -270,6 +289,9 @@ class ImapSession(session_mod.Session):
     # -- after login ---------------------------------------------------------------------------
 
     def proxy(self) -> None:
+        if self.credentials is not None:
+            self.proxy_with_referrals()
+            return
         tracker = self.tracker = CommandTracker()
         pending_up = self.leftover()
         self.events.clear()
@@ -289,6 +311,16 @@ class ImapSession(session_mod.Session):
             self.try_send(b"* BYE Autologout; idle for too long.\r\n")
         self.end(f"{ending.side} {ending.reason}")
 
+    def proxy_with_referrals(self) -> None:
+        """The home back-end may refer mailboxes elsewhere: the routing relay follows them."""
+        from gateway.imap.routing import RoutingRelay
+        password, mechanism = self.credentials
+        self.credentials = None
+        pending_up = self.leftover()
+        self.events.clear()
+        relay = RoutingRelay(self, self.home, password, mechanism)
+        self.end(relay.run(pending_up, self.backend_pending))
+
     def relay_ended(self, ending) -> None:
         """Called by the back-end pump when the back-end side stops first."""
         if ending.side == "backend" and not self.closing:
@@ -299,6 +331,9 @@ class ImapSession(session_mod.Session):
 
     backend_pending = b""
     last_backend_chunk = b""
+    credentials = None
+    home = None
+    backend_login_name = ""
 
 
 def _guess_tag(line: bytes) -> str:

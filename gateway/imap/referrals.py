@@ -1,0 +1,131 @@
+"""Which referrals the gateway follows, and where they lead.
+
+RFC 2221 login referrals and RFC 2193 mailbox referrals name servers by IMAP URL.  The
+gateway follows them itself, replaying the client's credentials, so the one rule that
+matters is here: credentials go only to configured back-ends and to hosts the operator
+allowed (``[referrals]``).  Everything else is refused, and the refusal is logged.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+from gateway.config import BackendConfig, Config
+from gateway.imap import urls
+from gateway.session import Failure, LoginError, Target
+
+log = logging.getLogger("mailgate.referrals")
+
+# Mechanisms whose credentials the gateway holds and can replay (RFC 5092 ";AUTH=").
+REPLAYABLE = {None, "*", "PLAIN", "LOGIN"}
+
+
+class Referred(LoginError):
+    """A back-end referred the login elsewhere (RFC 2221).
+
+    ``urls`` are the referral's targets, best first.  ``kept`` is set for ``OK [REFERRAL]``:
+    the login succeeded where it was, so that result is used when no referral can be followed.
+    """
+
+    def __init__(self, detail: str, referral: list[urls.ImapUrl], kept=None):
+        super().__init__(Failure.UNAVAILABLE, detail)
+        self.urls = referral
+        self.kept = kept
+
+
+class ReferralPolicy:
+    """The allow-list, built once per worker from the config."""
+
+    def __init__(self, config: Config):
+        self.settings = config.referrals
+        self.by_address: dict[tuple[str, int], BackendConfig] = {}
+        if self.settings.allow_backends:
+            for backend in config.backends.values():
+                self.by_address[(backend.address.lower(), backend.imap_port)] = backend
+
+    def backend_for(self, url: urls.ImapUrl) -> BackendConfig | None:
+        """The back-end settings for an allowed URL's host, or None when it is not allowed."""
+        known = self.by_address.get((url.host, url.port))
+        if known is not None:
+            return known
+        if any(fnmatch.fnmatchcase(url.host, pattern.lower())
+               for pattern in self.settings.allowed_hosts):
+            return BackendConfig(name=f"{url.host}:{url.port}", address=url.host,
+                                 imap_port=url.port, connect_timeout=self.settings.connect_timeout,
+                                 login_timeout=self.settings.login_timeout)
+        return None
+
+    def targets(self, referral: list[urls.ImapUrl], login_name: str, session_id: str) -> list[Target]:
+        """The followable targets of a referral, in its order; refusals are logged."""
+        found = []
+        for url in referral:
+            if url.auth not in REPLAYABLE:
+                log.warning("session=%s referral to %s:%d refused: mechanism %s cannot be replayed",
+                            session_id, url.host, url.port, url.auth)
+                continue
+            backend = self.backend_for(url)
+            if backend is None:
+                log.warning("session=%s referral to %s:%d refused: host not allowed",
+                            session_id, url.host, url.port)
+                continue
+            found.append(Target(backend, url.user or login_name, url.mailbox))
+        return found
+
+
+def referral_of(response) -> list[urls.ImapUrl] | None:
+    """The URLs of a response's [REFERRAL ...] code, or None (also for an unparsable one)."""
+    if response.code is None or response.code.name != "REFERRAL":
+        return None
+    try:
+        return urls.parse_referral(response.code.text)
+    except ValueError:
+        return None
+
+
+def follow_login(session, first: Target, password: str, mechanism: str):
+    """Log in at ``first``, following login referrals within the policy; returns the result.
+
+    One place decides, as Dovecot's login proxy does: a referral is followed within
+    ``max_hops``, never to the same host:port twice (loop), only to allowed hosts; the
+    replicas of one referral are tried in order while they are unavailable.
+    """
+    policy: ReferralPolicy = session.service.referral_policy
+    queue, visited, hops = [first], set(), 0
+    kept, last_error = None, None
+    while queue:
+        target = queue.pop(0)
+        key = (target.backend.address.lower(), target.backend.imap_port)
+        if key in visited:
+            last_error = LoginError(Failure.UNAVAILABLE, f"referral loop at {key[0]}:{key[1]}")
+            continue
+        visited.add(key)
+        try:
+            result = session.login_at(target, password, mechanism)
+        except Referred as referred:
+            hops += 1
+            if referred.kept is not None and kept is None:
+                kept = (session.backend, referred.kept, session.backend_name)
+                session.backend = None
+            session.drop_backend()
+            if not policy.settings.follow or hops > policy.settings.max_hops:
+                last_error = LoginError(Failure.UNAVAILABLE, f"{referred.detail} (not followed)")
+                break
+            queue = policy.targets(referred.urls, target.login_name, session.id)
+            last_error = LoginError(Failure.UNAVAILABLE, f"{referred.detail}: no allowed target")
+            continue
+        except LoginError as exc:
+            session.drop_backend()
+            if exc.failure is not Failure.UNAVAILABLE or not queue:
+                last_error = exc
+                if exc.failure is not Failure.UNAVAILABLE:
+                    break
+            else:
+                last_error = exc
+            continue
+        if kept is not None:
+            kept[0].close()
+        return result
+    if kept is not None:
+        session.backend, result, session.backend_name = kept
+        return result
+    raise last_error
