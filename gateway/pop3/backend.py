@@ -20,24 +20,41 @@ ERR_CODES = {"SYS/TEMP": Failure.UNAVAILABLE, "IN-USE": Failure.UNAVAILABLE,
              "AUTH": Failure.AUTH_FAILED}
 
 
+class LineTooLong(ValueError):
+    """A line longer than the reader's bound; it was read to its end and dropped."""
+
+
 class LineReader:
-    """Bounded CRLF line reading from a socket whose timeout is already set."""
+    """Bounded CRLF line reading from a socket whose timeout is already set.
+
+    Memory stays bounded: an over-long line is discarded as it arrives, up to its LF, and
+    then reported (LineTooLong), so the reader is in step with the peer's next line.
+    """
 
     def __init__(self, sock: socket.socket, max_line: int = MAX_LINE):
         self.sock = sock
         self.max_line = max_line
         self.buffer = bytearray()
+        self.discarding = False
 
     def read_line(self) -> bytes | None:
-        """One line without its CRLF; None at EOF. Raises OSError, socket.timeout, ValueError."""
+        """One line without its CRLF; None at EOF.
+
+        Raises OSError, socket.timeout, and LineTooLong for a line above ``max_line`` octets
+        (LF included).
+        """
         while True:
             newline = self.buffer.find(b"\n")
             if newline >= 0:
                 line = bytes(self.buffer[:newline + 1])
                 del self.buffer[:newline + 1]
+                if self.discarding or len(line) > self.max_line:
+                    self.discarding = False
+                    raise LineTooLong(f"line longer than {self.max_line} octets")
                 return line.rstrip(b"\r\n")
             if len(self.buffer) > self.max_line:
-                raise ValueError("line too long")
+                self.discarding = True
+                self.buffer.clear()
             data = self.sock.recv(4096)
             if not data:
                 return None
@@ -84,6 +101,9 @@ class Pop3Backend:
         greeting = self.read_line()
         if not greeting.startswith(b"+OK"):
             raise self._fail(Failure.UNAVAILABLE, f"greeting {greeting[:80]!r}")
+        if greeting.startswith(b"+OK [XCLIENT]"):
+            # Dovecot announces XCLIENT to trusted networks in its greeting, not in CAPA.
+            self.capabilities.add("XCLIENT")
         self.send(b"CAPA\r\n")
         if self.read_line().startswith(b"+OK"):
             for _ in range(MAX_CAPA_LINES):

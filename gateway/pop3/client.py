@@ -7,12 +7,14 @@ back-end's +OK the session is a plain byte relay: POP3 needs no parsing there.
 from __future__ import annotations
 
 import logging
+import re
 import socket
+import time
 
 from gateway import relay as relay_mod
 from gateway import sasl
 from gateway import session as session_mod
-from gateway.pop3.backend import LineReader, Pop3Backend
+from gateway.pop3.backend import LineReader, LineTooLong, Pop3Backend
 from gateway.session import ClientGone, Failure, State
 
 log = logging.getLogger("mailgate.pop3")
@@ -20,6 +22,8 @@ log = logging.getLogger("mailgate.pop3")
 MAX_COMMAND = 255          # RFC 2449 §4: command lines, CRLF included
 MAX_AUTH_LINE = 8192       # RFC 5034 §4: SASL lines are not bound by the 255 octets
 MAX_BAD_COMMANDS = 10
+INACTIVITY = b"-ERR Disconnected for inactivity.\r\n"
+_QUIT_LINE = re.compile(rb"\nQUIT *\r?\n", re.IGNORECASE)
 
 ANSWERS = {
     Failure.AUTH_FAILED: b"-ERR [AUTH] Authentication failed.\r\n",
@@ -45,7 +49,7 @@ class Pop3Session(session_mod.Session):
             self.send(b"+OK " + banner.encode() + b"\r\n")
             self.client.settimeout(self.settings.preauth_timeout)
             while self.state is State.PREAUTH and not self.closing:
-                self.dispatch(self.read_line())
+                self.next_command()
             if self.state is State.PROXYING and not self.closing:
                 self.proxy()
         except ClientGone as exc:
@@ -68,15 +72,21 @@ class Pop3Session(session_mod.Session):
         self.try_send(b"-ERR [SYS/TEMP] " + text.encode() + b"\r\n")
         super().goodbye(text)
 
+    def next_command(self) -> None:
+        try:
+            line = self.read_line()
+        except LineTooLong:
+            self.err("Line too long.")   # RFC 2449 §4: refused, and the session goes on
+            return
+        self.dispatch(line)
+
     def read_line(self) -> bytes:
+        """One client line; LineTooLong when it was over MAX_AUTH_LINE (already dropped)."""
         try:
             line = self.reader.read_line()
         except socket.timeout:
-            self.try_send(b"-ERR Disconnected for inactivity.\r\n")
+            self.try_send(INACTIVITY)
             raise ClientGone("idle timeout before login") from None
-        except ValueError:
-            self.try_send(b"-ERR Line too long.\r\n")
-            raise ClientGone("line too long") from None
         except OSError as exc:
             raise ClientGone(f"read error: {exc.strerror or exc}") from None
         if line is None:
@@ -106,8 +116,10 @@ class Pop3Session(session_mod.Session):
 
     def cmd_CAPA(self, argument: str) -> None:
         lines = ["+OK Capability list follows", "USER", "SASL PLAIN", "RESP-CODES",
-                 "PIPELINING", "AUTH-RESP-CODE", "IMPLEMENTATION mailgate", "."]
-        self.send("\r\n".join(lines).encode() + b"\r\n")
+                 "PIPELINING", "AUTH-RESP-CODE", "IMPLEMENTATION mailgate"]
+        if self.listen.tls == "starttls":
+            lines.append("STLS")
+        self.send("\r\n".join(lines + ["."]).encode() + b"\r\n")
 
     def cmd_QUIT(self, argument: str) -> None:
         self.send(b"+OK Logging out.\r\n")
@@ -118,7 +130,15 @@ class Pop3Session(session_mod.Session):
         self.err("Not logged in.")
 
     def cmd_STLS(self, argument: str) -> None:
-        self.err("STLS is not available on this port.")
+        if self.listen.tls != "starttls":
+            self.err("STLS is not available on this port.")
+            return
+        self.start_tls()
+
+    def start_tls(self) -> None:
+        """RFC 2595 §4: the TLS issue wraps the client socket here (and drops ``reader``'s
+        buffered plaintext, which must not survive the handshake)."""
+        self.send(b"-ERR [SYS/TEMP] TLS is not available yet.\r\n")
 
     def cmd_USER(self, argument: str) -> None:
         if not argument:
@@ -144,7 +164,11 @@ class Pop3Session(session_mod.Session):
             return
         if not initial:
             self.send(b"+ \r\n")
-            initial = self.read_line().decode("ascii", "replace")
+            try:
+                initial = self.read_line().decode("ascii", "replace")
+            except LineTooLong:
+                self.err("Line too long.")
+                return
             if initial == "*":
                 self.err("Authentication cancelled.")
                 return
@@ -157,12 +181,12 @@ class Pop3Session(session_mod.Session):
 
     # -- login ------------------------------------------------------------------------------------
 
-    def backend_login(self, found, password: str, mechanism: str):
-        backend = Pop3Backend(self.backend, found.backend.name, found.backend.connect_timeout)
+    def backend_login(self, target, password: str, mechanism: str):
+        backend = Pop3Backend(self.backend, target.backend.name, target.backend.connect_timeout)
         backend.greet()
         backend.forward_client(self.client_address, self.client_port, self.id)
-        self.backend.settimeout(found.backend.login_timeout)
-        answer = backend.login(found.backend_login, password)
+        self.backend.settimeout(target.backend.login_timeout)
+        answer = backend.login(target.login_name, password)
         return answer, backend.reader.take()
 
     def answer_success(self, result) -> None:
@@ -177,31 +201,52 @@ class Pop3Session(session_mod.Session):
 
     backend_pending = b""
     last_backend_chunk = b""
+    quit_seen = False
+    client_tail = b"\n"     # the end of what the client sent, to find QUIT across chunks
 
     def proxy(self) -> None:
         pending_up = self.reader.take()
+        self.last_activity = time.monotonic()   # the idle clock starts at login
         try:
             if self.backend_pending:
                 self.send(self.backend_pending)
             if pending_up:
+                self.watch_quit(pending_up)
                 self.backend.sendall(pending_up)
         except OSError as exc:
             self.end(f"backend write error: {exc}")
             return
         ending = relay_mod.relay(self, self.settings.idle_timeout, self.watch_quit)
-        self.end(f"{ending.side} {ending.reason}")
-
-    quit_seen = False
+        if self.end_reason:
+            return
+        if ending.side == "client" and ending.reason == "idle timeout":
+            self.try_send(INACTIVITY)   # RFC 1939 §3: the autologout timer
+        self.end("quit" if self.quit_seen else f"{ending.side} {ending.reason}")
 
     def watch_quit(self, data: bytes) -> None:
-        if not self.quit_seen and b"QUIT" in data.upper():
-            self.quit_seen = True
+        """Notes a QUIT line, so that the back-end closing after it is no error."""
+        if not self.quit_seen:
+            self.quit_seen = bool(_QUIT_LINE.search(self.client_tail + data))
+            self.client_tail = (self.client_tail + data[-8:])[-8:]
 
     def relay_ended(self, ending) -> None:
-        """The back-end closed first: unless the client quit, tell it before closing."""
+        """The back-end side stopped first: unless the client quit, tell it before closing."""
         if ending.side == "backend" and not self.closing and not self.end_reason:
-            if not self.quit_seen:
-                self.try_send(b"-ERR [SYS/TEMP] Connection to the mail server lost.\r\n")
-            self.end(f"backend {ending.reason}")
+            if self.quit_seen:
+                self.end("quit")
+            else:
+                if ending.reason == "idle timeout":
+                    self.try_send(INACTIVITY)
+                elif not _is_goodbye(self.last_backend_chunk):
+                    self.try_send(b"-ERR [SYS/TEMP] Connection to the mail server lost.\r\n")
+                self.end(f"backend {ending.reason}")
         self.close()
 
+
+def _is_goodbye(chunk: bytes) -> bool:
+    """Whether the back-end's last bytes were an -ERR line, as Dovecot's "-ERR [SYS/TEMP]
+    Server shutting down." on a kick: the client has its answer, a second would confuse it."""
+    if not chunk.endswith(b"\n"):
+        return False
+    last_line = chunk[:-1].rsplit(b"\n", 1)[-1]
+    return last_line.startswith(b"-ERR")
