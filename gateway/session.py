@@ -128,6 +128,48 @@ class Session:
         except OSError:
             pass
 
+    # -- the session's life -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Greet, answer commands until login, relay; log one line at the end, whatever happens."""
+        try:
+            self.send(self.greeting())
+            self.client.settimeout(self.settings.preauth_timeout)
+            while self.state is State.PREAUTH and not self.closing:
+                self.next_command()
+            if self.state is State.PROXYING and not self.closing:
+                self.proxy()
+        except ClientGone as exc:
+            self.end(str(exc))
+        except Exception:  # noqa: BLE001 - one session's bug must not kill the worker
+            log.exception("session=%s internal error", self.id)
+            self.end("internal error")
+            self.try_send(self.internal_error_line)
+        finally:
+            self.log_end()
+            self.close()
+
+    def try_send(self, data: bytes) -> None:
+        try:
+            self.send(data)
+        except ClientGone:
+            pass
+
+    # The protocol part: what the client sees first, reads, and gets when the server ends it.
+    internal_error_line = b""
+
+    def greeting(self) -> bytes:
+        raise NotImplementedError
+
+    def next_command(self) -> None:
+        raise NotImplementedError
+
+    def proxy(self) -> None:
+        raise NotImplementedError
+
+    def goodbye_line(self, text: str) -> bytes:
+        raise NotImplementedError
+
     # -- the login, shared by the protocols ------------------------------------------------
 
     max_login_failures = 5
@@ -215,7 +257,8 @@ class Session:
             self.end_reason = reason
 
     def goodbye(self, text: str) -> None:
-        """Server-initiated close (shutdown, kick); protocols add their goodbye line."""
+        """Server-initiated close (shutdown, kick): the protocol's goodbye line, then close."""
+        self.try_send(self.goodbye_line(text))
         self.end(text)
         self.closing = True
         self.close()

@@ -16,9 +16,9 @@ from gateway import sasl
 from gateway import session as session_mod
 from gateway.imap import parser, referrals
 from gateway.imap.backend import ImapBackend, filter_capabilities
-from gateway.imap.parser import Atom, Framer, Line, LiteralChunk
+from gateway.imap.parser import Atom, Framer, Line
 from gateway.imap.relay import CommandTracker
-from gateway.session import ClientGone, Failure, LoginError, State
+from gateway.session import ClientGone, Failure
 
 log = logging.getLogger("mailgate.imap")
 
@@ -49,35 +49,17 @@ class ImapSession(session_mod.Session):
 
     # -- the session's life -------------------------------------------------------------------
 
-    def run(self) -> None:
-        try:
-            banner = self.settings.banner or "mailgate ready."
-            self.send(b"* OK [CAPABILITY " + self.capability_line() + b"] " +
-                      banner.encode() + b"\r\n")
-            self.client.settimeout(self.settings.preauth_timeout)
-            while self.state is State.PREAUTH and not self.closing:
-                self.dispatch(self.read_command())
-            if self.state is State.PROXYING and not self.closing:
-                self.proxy()
-        except ClientGone as exc:
-            self.end(str(exc))
-        except Exception:  # noqa: BLE001 - one session's bug must not kill the worker
-            log.exception("session=%s internal error", self.id)
-            self.end("internal error")
-            self.try_send(b"* BYE [SERVERBUG] Internal error, closing connection.\r\n")
-        finally:
-            self.log_end()
-            self.close()
+    def greeting(self) -> bytes:
+        banner = self.settings.banner or "mailgate ready."
+        return b"* OK [CAPABILITY " + self.capability_line() + b"] " + banner.encode() + b"\r\n"
 
-    def try_send(self, data: bytes) -> None:
-        try:
-            self.send(data)
-        except ClientGone:
-            pass
+    def next_command(self) -> None:
+        self.dispatch(self.read_command())
 
-    def goodbye(self, text: str) -> None:
-        self.try_send(b"* BYE [UNAVAILABLE] " + text.encode() + b"\r\n")
-        super().goodbye(text)
+    def goodbye_line(self, text: str) -> bytes:
+        return b"* BYE [UNAVAILABLE] " + text.encode() + b"\r\n"
+
+    internal_error_line = b"* BYE [SERVERBUG] Internal error, closing connection.\r\n"
 
     def capability_line(self) -> bytes:
         return " ".join(PREAUTH_CAPABILITIES).encode()

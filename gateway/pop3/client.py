@@ -15,7 +15,7 @@ from gateway import relay as relay_mod
 from gateway import sasl
 from gateway import session as session_mod
 from gateway.pop3.backend import LineReader, LineTooLong, Pop3Backend
-from gateway.session import ClientGone, Failure, State
+from gateway.session import ClientGone, Failure
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -43,34 +43,13 @@ class Pop3Session(session_mod.Session):
         self.bad_commands = 0
         self.backend_greeting = b""
 
-    def run(self) -> None:
-        try:
-            banner = self.settings.banner or "mailgate POP3 ready."
-            self.send(b"+OK " + banner.encode() + b"\r\n")
-            self.client.settimeout(self.settings.preauth_timeout)
-            while self.state is State.PREAUTH and not self.closing:
-                self.next_command()
-            if self.state is State.PROXYING and not self.closing:
-                self.proxy()
-        except ClientGone as exc:
-            self.end(str(exc))
-        except Exception:  # noqa: BLE001 - one session's bug must not kill the worker
-            log.exception("session=%s internal error", self.id)
-            self.end("internal error")
-            self.try_send(b"-ERR [SYS/TEMP] Internal error, closing connection.\r\n")
-        finally:
-            self.log_end()
-            self.close()
+    def greeting(self) -> bytes:
+        return b"+OK " + (self.settings.banner or "mailgate POP3 ready.").encode() + b"\r\n"
 
-    def try_send(self, data: bytes) -> None:
-        try:
-            self.send(data)
-        except ClientGone:
-            pass
+    def goodbye_line(self, text: str) -> bytes:
+        return b"-ERR [SYS/TEMP] " + text.encode() + b"\r\n"
 
-    def goodbye(self, text: str) -> None:
-        self.try_send(b"-ERR [SYS/TEMP] " + text.encode() + b"\r\n")
-        super().goodbye(text)
+    internal_error_line = b"-ERR [SYS/TEMP] Internal error, closing connection.\r\n"
 
     def next_command(self) -> None:
         try:
