@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= deploy/gateway.example.toml
 # Debian packages the test suite starts as real servers.
-TEST_PACKAGES := redis-server dovecot-imapd dovecot-pop3d slapd ldap-utils haproxy
+TEST_PACKAGES := redis-server dovecot-imapd dovecot-pop3d slapd ldap-utils haproxy nginx-light libnginx-mod-mail
 
 .PHONY: run test venv deps bench check-config clean
 

@@ -6,6 +6,8 @@ missing=()
 for pkg in "$@"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+# Debian's python3 needs python3-venv for `python3 -m venv` (make's .venv).
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages; install them with: sudo apt-get install -y ${missing[*]}" >&2
@@ -15,7 +17,7 @@ echo "installing: ${missing[*]}"
 policy=/usr/sbin/policy-rc.d
 had_policy=0; [ -e "$policy" ] && had_policy=1
 if [ $had_policy -eq 0 ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; fi
-trap '[ $had_policy -eq 0 ] && rm -f "$policy"' EXIT
+trap 'if [ $had_policy -eq 0 ]; then rm -f "$policy"; fi' EXIT
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 apt-get install -y -q --no-install-recommends "${missing[@]}"
