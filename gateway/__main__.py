@@ -1,4 +1,4 @@
-"""The command line: serve, sync, lookup, check-config.
+"""The command line: serve, sync, lookup, kick, check-config.
 
 ``python -m gateway serve --config FILE [--workers N]`` starts the master; the arbiter is
 imported lazily so that nothing here pulls in gevent or protocol code.
@@ -25,13 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = sub.add_parser("sync", help="fill the mailbox cache from the directory")
     sync_sub = sync.add_subparsers(dest="source", required=True)
-    export = sync_sub.add_parser("export", help="full sync from a directory export (CSV)")
+    export = sync_sub.add_parser("export", help="full sync from a directory export (CSV, LDIF)")
     export.add_argument("file")
     export.add_argument("--config", required=True)
+    ldap = sync_sub.add_parser("ldap", help="sync from LDAP / Active Directory")
+    ldap.add_argument("--config", required=True)
+    ldap.add_argument("--incremental", action="store_true",
+                      help="only the entries changed since the last sync")
 
     lookup = sub.add_parser("lookup", help="where a mailbox lives, and from which source")
     lookup.add_argument("login")
     lookup.add_argument("--config", required=True)
+
+    kick = sub.add_parser("kick", help="close a user's open sessions on every worker")
+    kick.add_argument("login")
+    kick.add_argument("--config", required=True)
     return parser
 
 
@@ -62,6 +70,8 @@ def cmd_check_config(config, args) -> int:
 
 def cmd_sync(config, args) -> int:
     from gateway.directory import cli
+    if args.source == "ldap":
+        return cli.cmd_sync_ldap(config, args.incremental)
     return cli.cmd_sync_export(config, args.file)
 
 
@@ -70,8 +80,13 @@ def cmd_lookup(config, args) -> int:
     return cli.cmd_lookup(config, args.login)
 
 
+def cmd_kick(config, args) -> int:
+    from gateway.directory import cli
+    return cli.cmd_kick(config, args.login)
+
+
 COMMANDS = {"serve": cmd_serve, "check-config": cmd_check_config, "sync": cmd_sync,
-            "lookup": cmd_lookup}
+            "lookup": cmd_lookup, "kick": cmd_kick}
 
 if __name__ == "__main__":
     sys.exit(main())

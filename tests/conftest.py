@@ -1,4 +1,4 @@
-"""Fixtures that start real servers: Redis, two Dovecot back-ends and the gateway.
+"""Fixtures that start real servers: Redis, two Dovecot back-ends, slapd and the gateway.
 
 Servers are session-scoped (each starts in well under a second); the ``gateway`` fixture is
 module-scoped and ``make_gateway`` builds function-scoped ones.  Every gateway gets its own
@@ -83,6 +83,21 @@ def dovecot_a(tmp_path_factory):
 def dovecot_b(tmp_path_factory):
     """Back-end B: bob and dave."""
     server = _dovecot(tmp_path_factory, "B", USERS_B)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory):
+    """OpenLDAP's slapd loaded with tests/directory_data.py's two trees (OpenLDAP mailHost
+    people, Active Directory-like corp users), several thousand entries: treat those as
+    read-only; a test that changes entries makes its own organizational unit."""
+    require_binary("slapd", "slapd ldap-utils")
+    import directory_data
+    server = servers.Slapd(tmp_path_factory.mktemp("slapd"), directory_data.directory_ldif())
+    server.start()
     try:
         yield server
     finally:

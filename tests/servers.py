@@ -668,3 +668,160 @@ class GatewayProcess(_Process):
             raise RuntimeError(f"gateway sync export failed with {result.returncode}:\n"
                                f"{result.stdout}{result.stderr}")
         return result
+
+
+# -- OpenLDAP ---------------------------------------------------------------------------------
+
+# The attributes of an Active Directory user that the gateway reads, as an auxiliary class an
+# OpenLDAP test server accepts (OpenLDAP has no native uSNChanged: tests set it themselves).
+AD_LIKE_SCHEMA = """\
+attributetype ( 1.3.6.1.4.1.55555.1.1 NAME 'msExchHomeServerName'
+    EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
+attributetype ( 1.3.6.1.4.1.55555.1.2 NAME 'userPrincipalName'
+    EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
+attributetype ( 1.3.6.1.4.1.55555.1.3 NAME 'sAMAccountName'
+    EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 SINGLE-VALUE )
+attributetype ( 1.3.6.1.4.1.55555.1.4 NAME 'proxyAddresses'
+    EQUALITY caseIgnoreMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15 )
+attributetype ( 1.3.6.1.4.1.55555.1.5 NAME 'uSNChanged'
+    EQUALITY integerMatch ORDERING integerOrderingMatch
+    SYNTAX 1.3.6.1.4.1.1466.115.121.1.27 SINGLE-VALUE )
+attributetype ( 1.3.6.1.4.1.55555.1.6 NAME 'objectGUID'
+    EQUALITY octetStringMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.40 SINGLE-VALUE )
+attributetype ( 1.3.6.1.4.1.55555.1.7 NAME 'isDeleted'
+    EQUALITY booleanMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.7 SINGLE-VALUE )
+objectclass ( 1.3.6.1.4.1.55555.2.1 NAME 'mailgateADUser' SUP top AUXILIARY
+    MAY ( msExchHomeServerName $ userPrincipalName $ sAMAccountName $ proxyAddresses $
+          uSNChanged $ objectGUID $ isDeleted $ mail ) )
+"""
+
+
+def self_signed_certificate(folder: Path, host: str = LOOPBACK) -> tuple[Path, Path]:
+    """(cert, key) PEM files for ``host`` (an IP SAN and "localhost"), valid for a day."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailgate test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class Slapd(_Process):
+    """OpenLDAP's slapd with its own slapd.conf: an mdb database loaded with ``ldif`` by
+    slapadd (fast, and it keeps given operational attributes such as modifyTimestamp),
+    ldap:// (StartTLS offered) and ldaps:// on free loopback ports, a self-signed certificate.
+
+    The rootdn is for test set-up only; the gateway binds as ``SERVICE_DN``, whose searches
+    stop at ``size_limit`` entries unless paged (as Active Directory's MaxPageSize does).
+    """
+
+    name = "slapd"
+    SUFFIX = "dc=example,dc=com"
+    ROOT_DN = "cn=admin,dc=example,dc=com"
+    ROOT_PASSWORD = "admin-secret"
+    SERVICE_DN = "cn=mailgate,ou=services,dc=example,dc=com"
+    SERVICE_PASSWORD = "mailgate-secret"
+    SCHEMAS = ("core", "cosine", "inetorgperson", "nis", "misc")
+
+    def __init__(self, tmpdir, ldif: str = "", size_limit: int = 1000):
+        super().__init__(tmpdir)
+        self.ldif = ldif
+        self.size_limit = size_limit
+        self.host = LOOPBACK
+        self.port = 0
+        self.ldaps_port = 0
+        self.ca_file: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ldap://{self.host}:{self.port}"
+
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://{self.host}:{self.ldaps_port}"
+
+    def _config(self) -> str:
+        root = self.tmpdir
+        includes = "".join(f"include /etc/ldap/schema/{name}.schema\n" for name in self.SCHEMAS)
+        return f"""\
+# Written by tests/servers.py for a test directory.
+{includes}include {root}/mailgate-ad.schema
+modulepath /usr/lib/ldap
+moduleload back_mdb
+pidfile {root}/slapd.pid
+argsfile {root}/slapd.args
+TLSCertificateFile {root}/cert.pem
+TLSCertificateKeyFile {root}/key.pem
+
+database mdb
+maxsize 268435456
+suffix "{self.SUFFIX}"
+rootdn "{self.ROOT_DN}"
+rootpw {self.ROOT_PASSWORD}
+directory {root}/data
+index objectClass eq
+index uid,mail,cn,userPrincipalName,sAMAccountName,proxyAddresses eq
+limits dn.exact="{self.SERVICE_DN}" size.soft={self.size_limit} size.hard={self.size_limit} size.prtotal=unlimited
+access to attrs=userPassword by anonymous auth by * none
+access to * by users read by * none
+"""
+
+    def _base_ldif(self) -> str:
+        return (f"dn: {self.SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\n"
+                f"dc: example\no: Example\n\n"
+                f"dn: ou=services,{self.SUFFIX}\nobjectClass: organizationalUnit\n"
+                f"ou: services\n\n"
+                f"dn: {self.SERVICE_DN}\nobjectClass: person\nobjectClass: simpleSecurityObject\n"
+                f"cn: mailgate\nsn: mailgate\nuserPassword: {self.SERVICE_PASSWORD}\n\n")
+
+    def start(self) -> "Slapd":
+        binary, slapadd = find_binary("slapd"), find_binary("slapadd")
+        if binary is None or slapadd is None:
+            raise FileNotFoundError("slapd is not installed")
+        (self.tmpdir / "data").mkdir(exist_ok=True)
+        (self.tmpdir / "mailgate-ad.schema").write_text(AD_LIKE_SCHEMA)
+        self.ca_file, _ = self_signed_certificate(self.tmpdir, self.host)
+        conf = self.tmpdir / "slapd.conf"
+        conf.write_text(self._config())
+        data = self.tmpdir / "data.ldif"
+        data.write_text(self._base_ldif() + self.ldif)
+        loaded = subprocess.run([slapadd, "-q", "-f", str(conf), "-l", str(data)],
+                                capture_output=True, text=True, timeout=300)
+        if loaded.returncode != 0:
+            raise RuntimeError(f"slapadd failed ({loaded.returncode}):\n{loaded.stderr[-3000:]}")
+        self.port, self.ldaps_port = free_port(), free_port()
+        urls = f"ldap://{self.host}:{self.port}/ ldaps://{self.host}:{self.ldaps_port}/"
+        # -d keeps slapd in the foreground (no fork), logging nothing but errors.
+        self._spawn([binary, "-d", "0", "-h", urls, "-f", str(conf)], self.tmpdir / "slapd.log")
+        try:
+            wait_for_port(self.host, self.port, 10, self.process)
+            wait_for_port(self.host, self.ldaps_port, 10, self.process)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"slapd did not start: {exc}\n"
+                               f"{_tail(self.tmpdir / 'slapd.log')}") from exc
+        return self
+
+    def admin(self):
+        """An ldap3 connection bound as the rootdn, for setting up and changing entries."""
+        import ldap3
+        server = ldap3.Server(self.host, port=self.port, get_info=ldap3.NONE)
+        return ldap3.Connection(server, self.ROOT_DN, self.ROOT_PASSWORD, auto_bind=True,
+                                raise_exceptions=True, receive_timeout=30)

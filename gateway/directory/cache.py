@@ -54,21 +54,35 @@ class Directory:
     """Answers "which back-end holds this mailbox" from the live generation in Redis.
 
     ``redis_client`` must return bytes (``decode_responses=False``, as ``connect`` makes it):
-    records are binary msgpack.
+    records are binary msgpack.  ``resolver`` (read-through, ``LdapResolver``) answers the
+    misses: its ``find(login_name)`` returns a MailboxRecord or None, or raises an exception
+    when the directory server cannot answer.
     """
 
-    def __init__(self, redis_client: redis.Redis, config: DirectoryConfig):
+    def __init__(self, redis_client: redis.Redis, config: DirectoryConfig, resolver=None):
         self.redis = redis_client
         self.config = config
+        self.resolver = resolver
         self._lookup_script = redis_client.register_script(records.LOOKUP_SCRIPT)
+        self._store_script = redis_client.register_script(records.STORE_SCRIPT)
+
+    @classmethod
+    def for_config(cls, redis_client: redis.Redis, config: Config) -> "Directory":
+        """The Directory a worker uses: read-through to LDAP when ``miss = "read-through"``."""
+        resolver = None
+        if config.directory.read_through:
+            from .ldap import LdapResolver   # ldap3 only where read-through is configured
+            resolver = LdapResolver(config)
+        return cls(redis_client, config.directory, resolver)
 
     def lookup(self, login_name: str) -> MailboxRecord | None:
         """The mailbox record of a login name, or None for an unknown user.
 
-        Exactly one Redis round trip (EVALSHA; the script text is sent once per server).
-        A login name that cannot be normalized is unknown.  Raises DirectoryUnavailable when
-        Redis fails or times out, or when no sync has filled the cache yet.  An unparsable
-        record is logged and treated as unknown.
+        A hit is exactly one Redis round trip (EVALSHA; the script text is sent once per
+        server).  A login name that cannot be normalized is unknown.  Without a resolver,
+        raises DirectoryUnavailable when Redis fails or times out, or when no sync has
+        filled the cache yet.  With one, a miss that is not cached as negative asks the
+        directory server (``read_through``).  An unparsable record is logged and unknown.
         """
         try:
             normalized = records.normalize_login(login_name, self.config.default_domain)
@@ -77,19 +91,52 @@ class Directory:
         try:
             answer = self._lookup_script(
                 keys=[records.CURRENT_KEY],
-                args=[records.GENERATION_KEY_PREFIX, normalized])
+                args=[records.GENERATION_KEY_PREFIX, normalized, records.NEGATIVE_KEY_PREFIX])
         except (redis.RedisError, OSError) as exc:
             raise DirectoryUnavailable(f"directory cache: {exc.__class__.__name__}: {exc}") \
                 from exc
-        if answer is None:
-            raise DirectoryUnavailable("directory cache is empty: no sync has completed")
-        generation, packed = int(answer[0]), answer[1]
-        if packed is None:
+        generation = int(answer[0]) if answer[0] is not None else None
+        packed = answer[1]
+        if packed is not None:
+            return self._unpack(normalized, packed, generation)
+        if self.resolver is None:
+            if generation is None:
+                raise DirectoryUnavailable("directory cache is empty: no sync has completed")
             return None
+        if answer[2]:
+            return None          # a recent read-through said "no such user"
+        return self.read_through(normalized, generation)
+
+    def read_through(self, normalized: str, generation: int | None) -> MailboxRecord | None:
+        """Ask the resolver for one login name and cache its answer: a record joins the live
+        generation it missed in, "no such user" is kept ``negative_ttl`` seconds.  Raises
+        DirectoryUnavailable when the directory server cannot answer."""
+        try:
+            record = self.resolver.find(normalized)
+        except Exception as exc:  # noqa: BLE001 - LdapError, timeouts: all mean "try later"
+            log.warning("read-through lookup of %r failed: %s", normalized, exc)
+            raise DirectoryUnavailable(f"directory server: {exc}") from exc
+        try:
+            if record is None:
+                if self.config.negative_ttl:
+                    self.redis.set(records.negative_key(normalized), b"1",
+                                   ex=self.config.negative_ttl)
+            elif generation is not None:
+                self._store_script(keys=[records.CURRENT_KEY],
+                                   args=[records.GENERATION_KEY_PREFIX, generation, normalized,
+                                         record.pack()])
+        except (redis.RedisError, OSError) as exc:
+            log.warning("read-through answer for %r not cached: %s", normalized, exc)
+        if record is not None and generation is not None:
+            record = MailboxRecord(record.backend, record.backend_login, record.mailbox_id,
+                                   record.source, generation)
+        return record
+
+    def _unpack(self, normalized: str, packed: bytes, generation: int | None):
         try:
             return MailboxRecord.unpack(packed, generation=generation)
         except ValueError as exc:
-            log.warning("directory record for %r in generation %d is unusable: %s",
+            log.warning("directory record for %r in generation %s is unusable: %s",
                         normalized, generation, exc)
             return None
 

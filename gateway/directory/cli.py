@@ -1,7 +1,9 @@
-"""The directory commands of ``python -m gateway``: ``sync export FILE`` and ``lookup LOGIN``.
+"""The directory commands of ``python -m gateway``: ``sync export FILE``, ``sync ldap``,
+``lookup LOGIN`` and ``kick LOGIN``.
 
 Each returns the process exit status: 0 done, 1 a problem in the input (bad export line,
-unknown login), 2 the directory cache (Redis) unreachable or busy.
+unknown login, no LDAP source configured), 2 the directory cache (Redis) or the directory
+server unreachable, or another sync running.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import redis
 
 from ..config import Config
 from . import records
+from .records import MailboxRecord
 from .cache import Directory, DirectoryUnavailable, connect, redis_url
 from .export import ExportError, iter_export
 from .sync import SyncBusy, SyncError, full_sync
@@ -20,15 +23,34 @@ from .sync import SyncBusy, SyncError, full_sync
 
 def cmd_sync_export(config: Config, path: str, out: TextIO = sys.stderr) -> int:
     """Full sync from an export file: a progress line on a terminal, then the summary."""
-    label = "sync export"
+    def run(client):
+        entries = iter_export(path, config.directory)
+        return full_sync(client, entries, source="export", config=config, progress=out,
+                         origin=os.path.abspath(path), label="sync export")
+    return _run_sync(config, "sync export", run, out)
+
+
+def cmd_sync_ldap(config: Config, incremental: bool = False, out: TextIO = sys.stderr) -> int:
+    """Full or incremental sync from LDAP / Active Directory (``[directory] ldap_*``)."""
+    if config.directory.source != "ldap" or not config.directory.ldap_url:
+        print(f"sync ldap: {config.path}: directory.source is not \"ldap\"", file=out)
+        return 1
+    from .ldap_sync import full_ldap_sync, incremental_ldap_sync
+    if incremental:
+        return _run_sync(config, "sync ldap --incremental",
+                         lambda client: incremental_ldap_sync(client, config, out), out)
+    return _run_sync(config, "sync ldap", lambda client: full_ldap_sync(client, config, out), out)
+
+
+def _run_sync(config: Config, label: str, run, out: TextIO) -> int:
+    """Run a sync, print its warnings and summary; the exit status (see the module doc)."""
+    from .ldap import LdapError   # noqa: PLC0415 - ldap3 is loaded by sync jobs only
     client = connect(config)
     try:
-        entries = iter_export(path, default_domain=config.directory.default_domain)
-        summary = full_sync(client, entries, source="export", config=config, progress=out,
-                            origin=os.path.abspath(path), label=label)
-    except ExportError as exc:
+        summary = run(client)
+    except (ExportError, LdapError) as exc:
         print(f"{label}: {exc}", file=out)
-        return 1
+        return 1 if isinstance(exc, ExportError) else 2
     except SyncBusy as exc:
         print(f"{label}: {exc}", file=out)
         return 2
@@ -47,6 +69,42 @@ def cmd_sync_export(config: Config, path: str, out: TextIO = sys.stderr) -> int:
     return 0
 
 
+def cmd_kick(config: Config, login: str, out: TextIO = sys.stdout) -> int:
+    """Close the sessions of a login name (and of its mailbox) on every worker of every
+    gateway host sharing the Redis: prints how many workers got the message."""
+    try:
+        normalized = records.normalize_login(login, config.directory.default_domain)
+    except ValueError as exc:
+        print(f"kick: {login!r}: {exc}", file=out)
+        return 1
+    client = connect(config)
+    try:
+        mailbox_id = _mailbox_id(client, normalized)
+        receivers = client.publish(records.KICK_CHANNEL,
+                                   records.kick_message(normalized, mailbox_id))
+    except (redis.RedisError, OSError) as exc:
+        print(f"kick: cannot use the directory cache at {redis_url(config)}: {_reason(exc)}",
+              file=out)
+        return 2
+    finally:
+        client.close()
+    print(f"kick: {normalized}: sent to {receivers} workers", file=out)
+    return 0
+
+
+def _mailbox_id(client, normalized: str) -> str:
+    """The mailbox id of a login name in the live generation ("" if none): the workers then
+    also close sessions opened under the mailbox's other login names."""
+    generation = client.get(records.CURRENT_KEY)
+    if generation is None:
+        return ""
+    packed = client.hget(records.generation_key(generation), normalized)
+    try:
+        return MailboxRecord.unpack(packed).mailbox_id if packed else ""
+    except ValueError:
+        return ""
+
+
 def cmd_lookup(config: Config, login: str, out: TextIO = sys.stdout) -> int:
     """Print where a mailbox lives and which sync put it there; 1 when the login is unknown."""
     client = connect(config)
@@ -56,7 +114,7 @@ def cmd_lookup(config: Config, login: str, out: TextIO = sys.stdout) -> int:
         except ValueError as exc:
             print(f"lookup: {login!r}: {exc}", file=out)
             return 1
-        record = Directory(client, config.directory).lookup(login)
+        record = Directory.for_config(client, config).lookup(login)
     except DirectoryUnavailable as exc:
         print(f"lookup: directory cache at {redis_url(config)} unavailable: "
               f"{_reason(exc.__cause__ or exc)}", file=out)

@@ -1,4 +1,4 @@
-"""Directory export files (CSV now, LDIF later) → a stream of ExportEntry.
+"""Directory export files → a stream of ExportEntry: CSV here, LDIF in ldif_export.py.
 
 A CSV export has a header line naming at least ``login`` and ``backend``; ``backend_login``
 and ``mailbox_id`` are optional, other columns are ignored, names are matched without regard
@@ -38,19 +38,16 @@ class ExportEntry(NamedTuple):
     backend: str
     backend_login: str = ""
     mailbox_id: str = ""
+    where: str = ""          # the entry's DN, for messages about LDAP entries
 
 
-def iter_export(path: str, *, default_domain: str = "") -> Iterator[ExportEntry]:
-    """Entries of an export file, the format chosen by its suffix (.ldif, else CSV)."""
+def iter_export(path: str, directory) -> Iterator[ExportEntry]:
+    """Entries of an export file, the format chosen by its suffix (.ldif, else CSV);
+    ``directory`` is the DirectoryConfig (default domain, LDIF attribute mapping)."""
     if path.lower().endswith(".ldif"):
-        return iter_ldif(path, default_domain=default_domain)
-    return iter_csv(path, default_domain=default_domain)
-
-
-def iter_ldif(path: str, *, default_domain: str = "") -> Iterator[ExportEntry]:
-    """LDIF exports: not supported yet (a later issue); the mapping will follow
-    DirectoryConfig.login_attributes / backend_attribute like the LDAP source."""
-    raise ExportError(path, None, "LDIF exports are not supported yet; export as CSV")
+        from .ldif_export import iter_ldif
+        return iter_ldif(path, directory)
+    return iter_csv(path, default_domain=directory.default_domain)
 
 
 def iter_csv(path: str, *, default_domain: str = "") -> Iterator[ExportEntry]:

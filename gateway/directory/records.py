@@ -5,11 +5,16 @@ Layout (one Redis database, shared by every gateway host and sync job)::
     mailgate:dir:current      string  live generation number N
     mailgate:dir:next         string  INCR counter that hands out generation numbers
     mailgate:dir:gen:<N>      hash    normalized login name → packed MailboxRecord
+    mailgate:dir:ids:<N>      hash    mailbox id → its login names, "\n"-joined (LDAP syncs:
+                                      an incremental sync finds a mailbox's old names there)
     mailgate:dir:meta         hash    the last full sync: source, generation, time, counts
     mailgate:dir:lock         string  held by the running full sync (token, with a TTL)
+    mailgate:dir:ldap         hash    the LDAP high-water mark of the live generation
     mailgate:dir:neg:<login>  string  negative answer of a read-through lookup (with a TTL)
-    mailgate:moves            channel msgpack {"login", "from", "to"} per moved login name
-    mailgate:kick             channel login names whose sessions every worker closes
+    mailgate:moves            channel msgpack {"login", "from", "to", "id"} per moved login name
+    mailgate:kick             channel msgpack {"login", "id"}: close these sessions by hand
+
+Workers close the sessions of a login name, or of a mailbox id, published on either channel.
 
 A full sync writes a whole new generation hash and then switches the pointer with one SET, so a
 reader sees either the old or the new directory, never a half-written one.  A lookup is one
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import msgpack
 
@@ -33,28 +39,46 @@ NEXT_GENERATION_KEY = KEY_PREFIX + "dir:next"
 META_KEY = KEY_PREFIX + "dir:meta"
 SYNC_LOCK_KEY = KEY_PREFIX + "dir:lock"
 GENERATION_KEY_PREFIX = KEY_PREFIX + "dir:gen:"
+MAILBOX_IDS_KEY_PREFIX = KEY_PREFIX + "dir:ids:"
+LDAP_MARK_KEY = KEY_PREFIX + "dir:ldap"
 NEGATIVE_KEY_PREFIX = KEY_PREFIX + "dir:neg:"
 MOVES_CHANNEL = KEY_PREFIX + "moves"
 KICK_CHANNEL = KEY_PREFIX + "kick"
 
 MAX_LOGIN_LENGTH = 255
 
-# KEYS[1] = pointer key; ARGV[1] = generation key prefix, ARGV[2] = normalized login name.
-# Returns nil when no generation is live (the cache was never filled), otherwise
-# {generation, packed record or nil}.  The generation hash name is built inside the script,
-# which a Redis Cluster would refuse (undeclared key): the directory lives on one Redis.
+# KEYS[1] = pointer key; ARGV[1] = generation key prefix, ARGV[2] = normalized login name,
+# ARGV[3] = negative-answer key prefix.  Returns {generation or nil, packed record or nil,
+# 1 if a read-through "no such user" is cached}: nil generation = the cache was never filled.
+# The hash and negative key names are built inside the script, which a Redis Cluster would
+# refuse (undeclared keys): the directory lives on one Redis.
 LOOKUP_SCRIPT = """
 local generation = redis.call('GET', KEYS[1])
-if not generation then
-    return false
+if generation then
+    local record = redis.call('HGET', ARGV[1] .. generation, ARGV[2])
+    if record then
+        return {generation, record}
+    end
 end
-return {generation, redis.call('HGET', ARGV[1] .. generation, ARGV[2])}
+return {generation, false, redis.call('EXISTS', ARGV[3] .. ARGV[2])}
+"""
+
+# KEYS[1] = pointer key; ARGV[1] = generation key prefix, ARGV[2] = the generation the answer
+# was read for, ARGV[3] = login name, ARGV[4] = packed record.  A read-through answer joins
+# the generation it missed in, only if that one is still live and a sync has not meanwhile
+# written the name (HSETNX): a sync's answer is never overwritten.  Returns 1 if stored.
+STORE_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then
+    return 0
+end
+return redis.call('HSETNX', ARGV[1] .. ARGV[2], ARGV[3], ARGV[4])
 """
 
 # KEYS[1] = old generation hash, KEYS[2] = new one; ARGV[1] = HSCAN cursor, ARGV[2] = COUNT.
 # Compares one HSCAN batch server-side, so a million unchanged records never cross the wire.
 # Returns {next cursor, names in both, names removed, names changed, moves} where changed means
-# another back-end or back-end login, and moves is a flat list login, old back-end, new back-end.
+# another back-end or back-end login, and moves is a flat list login, old back-end, new
+# back-end, mailbox id ('' when the record has none).
 # Unchanged records are byte-identical (no generation in stored records): decode only the rest.
 DIFF_SCRIPT = """
 local scan = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
@@ -81,6 +105,7 @@ for i = 1, #entries, 2 do
                     moves[#moves + 1] = login
                     moves[#moves + 1] = o['b']
                     moves[#moves + 1] = n['b']
+                    moves[#moves + 1] = n['i'] or ''
                 end
             end
         end
@@ -105,26 +130,67 @@ def generation_key(generation: int | str) -> str:
     return f"{GENERATION_KEY_PREFIX}{int(generation)}"
 
 
+def mailbox_ids_key(generation: int | str) -> str:
+    """The hash of generation ``generation`` mapping mailbox ids to their login names."""
+    return f"{MAILBOX_IDS_KEY_PREFIX}{int(generation)}"
+
+
 def negative_key(login_name: str) -> str:
     """The negative-answer cache key of a normalized login name (read-through misses)."""
     return NEGATIVE_KEY_PREFIX + login_name
 
 
-def move_message(login_name: str, from_backend: str, to_backend: str) -> bytes:
+class Move(NamedTuple):
+    login: str
+    from_backend: str
+    to_backend: str
+    mailbox_id: str = ""
+
+
+def move_message(login_name: str, from_backend: str, to_backend: str,
+                 mailbox_id: str = "") -> bytes:
     """The payload published on MOVES_CHANNEL when a login name changes back-end."""
-    return msgpack.packb({"login": login_name, "from": from_backend, "to": to_backend})
+    fields = {"login": login_name, "from": from_backend, "to": to_backend}
+    if mailbox_id:
+        fields["id"] = mailbox_id
+    return msgpack.packb(fields)
 
 
-def parse_move_message(data: bytes) -> tuple[str, str, str]:
-    """(login, from, to) of a MOVES_CHANNEL payload; ValueError on anything else."""
+def kick_message(login_name: str, mailbox_id: str = "") -> bytes:
+    """The payload published on KICK_CHANNEL by ``python -m gateway kick``."""
+    fields = {"login": login_name}
+    if mailbox_id:
+        fields["id"] = mailbox_id
+    return msgpack.packb(fields)
+
+
+def parse_move_message(data: bytes) -> Move:
+    """The Move of a MOVES_CHANNEL payload; ValueError on anything else."""
+    fields = _unpack_message(data)
+    move = Move(fields.get("login"), fields.get("from"), fields.get("to"), fields.get("id", ""))
+    if not all(isinstance(value, str) for value in move):
+        raise ValueError("move message field is missing or not a string")
+    return move
+
+
+def parse_close_message(data: bytes) -> tuple[str, str]:
+    """(login name, mailbox id or "") of a MOVES_CHANNEL or KICK_CHANNEL payload: the
+    sessions to close.  ValueError on anything else."""
+    fields = _unpack_message(data)
+    login, mailbox_id = fields.get("login"), fields.get("id", "")
+    if not isinstance(login, str) or not isinstance(mailbox_id, str) or not login:
+        raise ValueError("message has no login name")
+    return login, mailbox_id
+
+
+def _unpack_message(data: bytes) -> dict:
     try:
         fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        move = fields["login"], fields["from"], fields["to"]
-    except Exception as exc:
-        raise ValueError(f"undecodable move message: {exc.__class__.__name__}") from None
-    if not all(isinstance(value, str) for value in move):
-        raise ValueError("move message field is not a string")
-    return move
+    except Exception as exc:  # msgpack raises ValueError, TypeError, StackError, ...
+        raise ValueError(f"undecodable message: {exc.__class__.__name__}") from None
+    if not isinstance(fields, dict):
+        raise ValueError("message is not a map")
+    return fields
 
 
 def normalize_login(login: str, default_domain: str = "") -> str:

@@ -5,7 +5,8 @@ Steps (see records.py for the keys)::
     lock    SET mailgate:dir:lock NX (one full sync at a time)
     write   INCR mailgate:dir:next → N; HSET mailgate:dir:gen:N in pipelined batches
             (the half-written hash carries a TTL, so a crashed sync leaves nothing behind)
-    switch  MULTI: PERSIST gen:N, SET mailgate:dir:current N, EXPIRE the old hash, EXEC
+    switch  MULTI: PERSIST gen:N, SET mailgate:dir:current N, EXPIRE the old hash, write or
+            drop the LDAP high-water mark, EXEC
     diff    HSCAN the old hash, HMGET the same names in the new one: added/changed/removed;
             a changed back-end is PUBLISHed on mailgate:moves so workers close the sessions
     clean   UNLINK the old hash; HSET mailgate:dir:meta
@@ -19,7 +20,7 @@ import secrets
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, TextIO
+from typing import Callable, Iterable, TextIO
 
 import redis
 
@@ -70,7 +71,8 @@ class SyncSummary:
 
 def full_sync(redis_client: redis.Redis, entries: Iterable[ExportEntry], *, source: str,
               config: Config, progress: TextIO | None = None, origin: str = "",
-              label: str = "sync export") -> SyncSummary:
+              label: str = "sync export", index_mailboxes: bool = False,
+              mark: Callable[[], dict] | None = None) -> SyncSummary:
     """Replace the live directory by ``entries`` and return what changed.
 
     ``entries`` carry normalized login names (as the export readers yield them); each
@@ -81,38 +83,47 @@ def full_sync(redis_client: redis.Redis, entries: Iterable[ExportEntry], *, sour
     and from Redis propagate after the half-written generation is deleted.  Raises SyncBusy
     when another sync runs, SyncError when the export has no usable entry but the live
     directory has some.  ``progress``: a terminal gets a progress line (≤ 10 updates/s).
+
+    ``index_mailboxes``: also write mailbox id → login names (entries of one mailbox must come
+    together, as LDAP entries do), which an incremental sync needs.  ``mark()``, called once
+    the entries are written, returns the LDAP high-water mark stored with the switch (without
+    it any stored mark is dropped: it described another generation).
     """
     started = time.monotonic()
-    bar = _Progress(progress, label, started)
+    bar = Progress(progress, label, started)
     summary = SyncSummary(label=label)
-    with _sync_lock(redis_client) as lock:
-        old_generation = _live_generation(redis_client)
+    with sync_lock(redis_client) as lock:
+        old_generation = live_generation(redis_client)
         summary.generation = _new_generation(redis_client, old_generation)
         new_key = records.generation_key(summary.generation)
+        ids_key = records.mailbox_ids_key(summary.generation) if index_mailboxes else None
         try:
-            _write_generation(redis_client, new_key, entries, source, config, summary, bar)
+            _write_generation(redis_client, (new_key, ids_key), entries, source, config,
+                              summary, bar)
             if summary.total == 0 and old_generation is not None and \
                     redis_client.hlen(records.generation_key(old_generation)):
                 raise SyncError(f"{label}: no usable entries; the live directory "
                                 f"(generation {old_generation}) was kept")
+            high_water = mark() if mark is not None else None
         except BaseException:
-            _discard(redis_client, new_key)
+            _discard(redis_client, summary.generation)
             bar.clear()
             raise
-        _switch(redis_client, summary.generation, old_generation)
+        _switch(redis_client, summary.generation, old_generation, high_water)
         if old_generation is None:
             summary.added = summary.total
         else:
             old_key = records.generation_key(old_generation)
             _diff_and_publish(redis_client, old_key, new_key, summary, bar, lock)
-            redis_client.unlink(old_key)
+            redis_client.unlink(old_key, records.mailbox_ids_key(old_generation))
         bar.clear()
         summary.seconds = time.monotonic() - started
         _record_meta(redis_client, summary, source, origin)
     return summary
 
 
-def _live_generation(client: redis.Redis) -> int | None:
+def live_generation(client: redis.Redis) -> int | None:
+    """The live generation number, None before the first sync."""
     value = client.get(records.CURRENT_KEY)
     return int(value) if value is not None else None
 
@@ -123,19 +134,21 @@ def _new_generation(client: redis.Redis, live: int | None) -> int:
     if live is not None and generation <= live:
         client.set(records.NEXT_GENERATION_KEY, live)
         generation = int(client.incr(records.NEXT_GENERATION_KEY))
-    client.delete(records.generation_key(generation))
+    client.delete(records.generation_key(generation), records.mailbox_ids_key(generation))
     return generation
 
 
-def _write_generation(client, key, entries, source, config, summary, bar) -> None:
-    """HSET every usable entry into ``key``: few large commands, replies read one batch late
-    so that Redis stores a batch while this process reads the next one."""
+def _write_generation(client, keys, entries, source, config, summary, bar) -> None:
+    """HSET every usable entry into ``keys[0]`` (and the mailbox index into ``keys[1]``
+    unless None): few large commands, replies read one batch late so that Redis stores a
+    batch while this process reads the next one."""
+    key, ids_key = keys
     backend_names: dict[str, str | None] = {}   # export value → [backends.NAME] or None
-    skipped_lines: list[int] = []
-    unknown: dict[str, None] = {}
+    skipped = _Skipped()
     pack = records.pack_record
     pairs: list = []
     batches = 0
+    index = _MailboxIndex(ids_key)
     with _GenerationWriter(client, key) as writer:
         for entry in entries:
             try:
@@ -144,14 +157,14 @@ def _write_generation(client, key, entries, source, config, summary, bar) -> Non
                 found = config.backend(entry.backend)
                 backend = backend_names[entry.backend] = found.name if found else None
             if backend is None:
-                summary.skipped += 1
-                if len(skipped_lines) < MAX_REPORTED_LINES:
-                    skipped_lines.append(entry.line)
-                    unknown[entry.backend] = None
+                skipped.add(entry)
                 continue
             pairs += (entry.login, pack(backend, entry.backend_login, entry.mailbox_id, source))
+            if ids_key:
+                index.add(entry.mailbox_id, entry.login)
             if len(pairs) >= 2 * WRITE_BATCH:
                 writer.hset(pairs)
+                index.write(writer)
                 summary.total += len(pairs) // 2
                 pairs = []
                 batches += 1
@@ -161,15 +174,67 @@ def _write_generation(client, key, entries, source, config, summary, bar) -> Non
         if pairs:
             writer.hset(pairs)
             summary.total += len(pairs) // 2
+        index.write(writer, final=True)
         writer.flush()
         writer.wait()
     bar.update("writing", summary.total)
-    if summary.skipped:
-        more = ", ..." if summary.skipped > len(skipped_lines) else ""
-        summary.warnings.append(
-            f"{summary.skipped} entries name no configured back-end "
-            f"({', '.join(map(repr, unknown))}{more}) on lines "
-            f"{', '.join(map(str, skipped_lines))}{more}; skipped")
+    summary.skipped = skipped.count
+    if skipped.count:
+        summary.warnings.append(skipped.warning())
+
+
+class _Skipped:
+    """Entries whose back-end is not configured: counted, the first few named."""
+
+    def __init__(self):
+        self.count = 0
+        self.places: list = []            # line numbers (files) or DNs (LDAP)
+        self.backends: dict[str, None] = {}
+
+    def add(self, entry: ExportEntry) -> None:
+        self.count += 1
+        if len(self.places) < MAX_REPORTED_LINES:
+            self.places.append(entry.where or entry.line)
+            self.backends[entry.backend] = None
+
+    def warning(self) -> str:
+        more = ", ..." if self.count > len(self.places) else ""
+        where = (f"on lines {', '.join(map(str, self.places))}"
+                 if all(isinstance(p, int) for p in self.places)
+                 else f"in {'; '.join(map(str, self.places))}")
+        return (f"{self.count} entries name no configured back-end "
+                f"({', '.join(map(repr, self.backends))}{more}) {where}{more}; skipped")
+
+
+class _MailboxIndex:
+    """Collects mailbox id → login names for the index hash (consecutive entries of one id
+    are one mailbox); ``write`` queues the finished mailboxes on the generation writer."""
+
+    def __init__(self, key: str | None):
+        self.key = key.encode() if key else None
+        self.pairs: list = []
+        self.mailbox_id = ""
+        self.names: list[str] = []
+
+    def add(self, mailbox_id: str, login: str) -> None:
+        if mailbox_id != self.mailbox_id:
+            self.close_mailbox()
+            self.mailbox_id = mailbox_id
+        self.names.append(login)
+
+    def close_mailbox(self) -> None:
+        if self.mailbox_id and self.names:
+            self.pairs += (self.mailbox_id, "\n".join(self.names))
+        self.names = []
+
+    def write(self, writer: "_GenerationWriter", final: bool = False) -> None:
+        if self.key is None:
+            return
+        if final:
+            self.close_mailbox()
+        if self.pairs:
+            writer.hset(self.pairs, self.key)
+            self.pairs = []
 
 
 class _GenerationWriter:
@@ -187,6 +252,7 @@ class _GenerationWriter:
         self.queued: list[bytes] = []
         self.queued_commands = 0
         self.in_flight = 0
+        self.other_keys: list[bytes] = []
 
     def __enter__(self) -> "_GenerationWriter":
         self.connection = self.pool.get_connection()
@@ -197,12 +263,15 @@ class _GenerationWriter:
             self.connection.disconnect()  # unread replies: the connection is unusable
         self.pool.release(self.connection)
 
-    def hset(self, pairs: list) -> None:
-        self.queued.append(_resp_command(b"HSET", self.key, *pairs))
+    def hset(self, pairs: list, key: bytes | None = None) -> None:
+        self.queued.append(_resp_command(b"HSET", key or self.key, *pairs))
         self.queued_commands += 1
+        if key and key not in self.other_keys:
+            self.other_keys.append(key)
 
     def flush(self) -> None:
-        for command in (("EXPIRE", self.key, WRITE_TTL), ("EXPIRE", records.SYNC_LOCK_KEY, LOCK_TTL)):
+        for command in [("EXPIRE", key, WRITE_TTL) for key in (self.key, *self.other_keys)] + \
+                [("EXPIRE", records.SYNC_LOCK_KEY, LOCK_TTL)]:
             self.queued.append(_resp_command(*command))
             self.queued_commands += 1
         self.connection.send_packed_command(self.queued)
@@ -227,21 +296,27 @@ def _resp_command(*args) -> bytes:
     return b"".join(parts)
 
 
-def _discard(client: redis.Redis, key: str) -> None:
-    """Best effort: the TTL removes the hash anyway if Redis is gone."""
+def _discard(client: redis.Redis, generation: int) -> None:
+    """Best effort: the TTL removes the hashes anyway if Redis is gone."""
     try:
-        client.unlink(key)
+        client.unlink(records.generation_key(generation), records.mailbox_ids_key(generation))
     except redis.RedisError:
         pass
 
 
-def _switch(client: redis.Redis, generation: int, old_generation: int | None) -> None:
+def _switch(client: redis.Redis, generation: int, old_generation: int | None,
+            high_water: dict | None) -> None:
     """Make ``generation`` live in one transaction (readers see old or new, nothing else)."""
     pipe = client.pipeline(transaction=True)
     pipe.persist(records.generation_key(generation))
+    pipe.persist(records.mailbox_ids_key(generation))
     pipe.set(records.CURRENT_KEY, generation)
     if old_generation is not None:
         pipe.expire(records.generation_key(old_generation), OLD_GENERATION_TTL)
+        pipe.expire(records.mailbox_ids_key(old_generation), OLD_GENERATION_TTL)
+    pipe.delete(records.LDAP_MARK_KEY)
+    if high_water:
+        pipe.hset(records.LDAP_MARK_KEY, mapping={**high_water, "generation": generation})
     pipe.execute()
 
 
@@ -262,21 +337,23 @@ def _diff_and_publish(client, old_key, new_key, summary, bar, lock) -> None:
         common += same
         summary.removed += removed
         summary.changed += changed
-        _publish_moves(client, [
-            records.move_message(moves[i].decode(), moves[i + 1].decode(), moves[i + 2].decode())
-            for i in range(0, len(moves), 3)], lock)
+        publish_moves(client, [
+            records.move_message(*(field.decode() for field in moves[i:i + 4]))
+            for i in range(0, len(moves), 4)], lock)
         bar.update("comparing", common + summary.removed)
         if int(cursor) == 0:
             break
     summary.added = summary.total - common
 
 
-def _publish_moves(client: redis.Redis, moves: list[bytes], lock) -> None:
+def publish_moves(client: redis.Redis, moves: list[bytes], lock) -> None:
     pipe = client.pipeline(transaction=False)
     for message in moves:
         pipe.publish(records.MOVES_CHANNEL, message)
-    lock.refresh(pipe)
+    if lock is not None:
+        lock.refresh(pipe)
     pipe.execute()
+
 
 
 def _record_meta(client: redis.Redis, summary: SyncSummary, source: str, origin: str) -> None:
@@ -307,7 +384,8 @@ class _Lock:
 
 
 @contextmanager
-def _sync_lock(client: redis.Redis):
+def sync_lock(client: redis.Redis):
+    """Hold mailgate:dir:lock (one sync, full or incremental, at a time); SyncBusy if held."""
     lock = _Lock(client)
     lock.acquire()
     try:
@@ -316,7 +394,7 @@ def _sync_lock(client: redis.Redis):
         lock.release()
 
 
-class _Progress:
+class Progress:
     """One terminal line, rewritten at most 10 times a second; silent unless a tty."""
 
     def __init__(self, out: TextIO | None, label: str, started: float):
@@ -347,3 +425,4 @@ def _isatty(out) -> bool:
         return out.isatty()
     except (AttributeError, ValueError):
         return False
+

@@ -197,7 +197,7 @@ def test_many_moves_across_scan_batches(cfg, client, directory):
                             source="export", config=cfg)
         moved = set()
         while (message := pubsub.get_message(timeout=1)) is not None:
-            login, from_backend, to_backend = records.parse_move_message(message["data"])
+            login, from_backend, to_backend, _ = records.parse_move_message(message["data"])
             assert (from_backend, to_backend) == ("A", "B")
             moved.add(login)
     finally:
@@ -413,3 +413,116 @@ def test_redis_url_defaults_to_the_embedded_socket(tmp_path, monkeypatch):
         "listen": [{"protocol": "imap", "address": "127.0.0.1:10143"}],
         "server": {"run_dir": "run"}}, "test.toml")
     assert redis_url(cfg) == f"unix://{tmp_path}/run/redis.sock"
+
+
+# -- LDIF exports ------------------------------------------------------------------------------
+
+LDIF = """\
+version: 1
+
+# An ldapsearch -LLL style export, with what RFC 2849 allows: comments (this one is
+  folded), folded lines, base64 values (a DN too) and entries that are not mailboxes.
+dn: uid=alice,ou=people,dc=example,dc=com
+objectClass: inetOrgPerson
+objectClass: inetLocalMailRecipient
+uid: alice
+mail: alice@example.com
+mail: Alice.Smith@Exam
+ ple.com
+mailHost: A
+entryUUID: 11111111-1111-1111-1111-111111111111
+
+dn:: dWlkPWrDvHJnZW4sb3U9cGVvcGxlLGRjPWV4YW1wbGUsZGM9Y29t
+objectClass: inetOrgPerson
+uid:: asO8cmdlbg==
+mail:: SsO8cmdlbi5Nw7xsbGVyQEV4YW1wbGUuY2
+ 9t
+mailHost: store-b.example.net
+# a comment inside an entry
+entryUUID: 22222222-2222-2222-2222-222222222222
+
+dn: cn=staff,ou=groups,dc=example,dc=com
+objectClass: groupOfNames
+cn: staff
+member: uid=alice,ou=people,dc=example,dc=com
+
+dn: uid=bob,ou=people,dc=example,dc=com
+objectClass: inetOrgPerson
+uid: bob
+mailHost: 10.0.0.1
+description:: AAFiaW5hcnkgaWQ=
+"""
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_ldif_warm_up_folded_base64_and_comments(cfg, directory, write_csv, newline):
+    path = write_csv(LDIF.replace("\n", newline), name=f"export-{len(newline)}.ldif")
+    status, lines = sync(cfg, path)
+    assert status == 0, lines
+    assert lines[-1].startswith("sync export: 5 mailboxes, 5 added, 0 changed, 0 removed, "
+                                "0 skipped, generation 1, ")
+    alice = directory.lookup("alice")
+    assert alice == MailboxRecord("A", "", "11111111-1111-1111-1111-111111111111", "export", 1)
+    assert directory.lookup("alice.smith@example.com") == alice          # a folded value
+    jurgen = directory.lookup("JÜRGEN.müller@example.com")               # base64, folded
+    assert jurgen == directory.lookup("jürgen") and jurgen.backend == "B"
+    assert directory.lookup("bob").backend == "A"                        # by address
+    assert directory.lookup("staff") is None
+
+
+def test_ldif_with_the_active_directory_mapping(db_url, client, write_csv):
+    cfg = gateway_config.parse({
+        "listen": [{"protocol": "imap", "address": "127.0.0.1:10143"}],
+        "redis": {"url": db_url}, "backends": {"EXCH01": {"address": "10.0.1.1"}},
+        "directory": {"source": "export", "default_domain": "corp.example.com",
+                      "netbios_domain": "CORP", "backend_attribute": "msExchHomeServerName",
+                      "login_attributes": ["userPrincipalName", "sAMAccountName",
+                                           "proxyAddresses"],
+                      "id_attribute": "objectGUID"}}, "test.toml")
+    path = write_csv(
+        "dn: CN=Jane Doe,OU=Users,DC=corp,DC=example,DC=com\n"
+        "sAMAccountName: jdoe\nuserPrincipalName: jane.doe@corp.example.com\n"
+        "proxyAddresses: SMTP:Jane.Doe@corp.example.com\nproxyAddresses: smtp:jd@corp.example.com\n"
+        "proxyAddresses: X400:c=US;a= ;p=Corp;o=Exchange;s=Doe;\n"
+        "objectGUID:: 9/0zL87Tx1KrwmaRiiRqJQ==\n"
+        "msExchHomeServerName: /o=Corp/ou=Exchange Administrative Group (FYDIBOHF23SPDLT)/cn=Con\n"
+        " figuration/cn=Servers/cn=EXCH01\n", name="ad.ldif")
+    status, lines = sync(cfg, path)
+    assert status == 0, lines
+    directory = Directory(connect(cfg), cfg.directory)
+    jane = directory.lookup("corp\\JDOE")
+    assert (jane.backend, jane.mailbox_id) == ("EXCH01", "2f33fdf7-d3ce-52c7-abc2-66918a246a25")
+    for name in ("jdoe", "jane.doe@corp.example.com", "jd@corp.example.com"):
+        assert directory.lookup(name) == jane
+
+
+GOOD_ENTRY = "dn: uid=erin,dc=example,dc=com\nuid: erin\nmail: erin@exam\n ple.com\nmailHost: A\n\n"
+
+
+@pytest.mark.parametrize("text, line, reason", [
+    (GOOD_ENTRY + "dn: uid=x,dc=example,dc=com\nuid: x\nmail: x@exa\n mple.com\n"
+     "mail:: eEBleGFtcGxlLm\nmailHost: A\n", 11, "bad LDIF: Incorrect padding"),
+    (GOOD_ENTRY + "dn: uid=x,dc=example,dc=com\nuid x\nmailHost: A\n", 8,
+     "bad LDIF: a line without ':' (expected 'attribute: value')"),
+    (GOOD_ENTRY + "# comment\nuid: x\nmailHost: A\n", 8,
+     "bad LDIF: First line of record does not start with 'dn:'"),
+    (GOOD_ENTRY + "dn: not a dn\nuid: x\nmailHost: A\n", 7,
+     "bad LDIF: No valid string-representation of distinguished name"),
+    (GOOD_ENTRY + "dn: uid=x,dc=example,dc=com\nchangetype: modify\nreplace: mailHost\n"
+     "mailHost: B\n", 7, "LDIF change records (changetype:) are not a directory export"),
+    (GOOD_ENTRY + "dn: uid=x,dc=example,dc=com\nuid: x\nmailHost: A\n\n"
+     "dn: uid=y,dc=example,dc=com\nuid: y\nmail: ERIN@example.com\nmailHost: B\n", 11,
+     "duplicate login 'erin@example.com' (first in the entry on line 1)"),
+])
+def test_malformed_ldif_names_the_line_and_keeps_the_live_generation(
+        cfg, directory, write_csv, client, text, line, reason):
+    assert sync(cfg, write_csv(FIRST))[0] == 0
+    path = write_csv(text, name=f"bad-{line}-{len(text)}.ldif")
+    status, lines = sync(cfg, path)
+    assert status == 1
+    assert len(lines) == 1 and lines[0].startswith(f"sync export: {path}:{line}: "), lines
+    assert reason in lines[0]
+    assert client.get(records.CURRENT_KEY) == b"1"
+    assert generation_keys(client) == [b"mailgate:dir:gen:1"]
+    assert directory.lookup("alice").backend == "A"
+    assert directory.lookup("erin") is None

@@ -142,12 +142,35 @@ def test_key_names():
     assert records.negative_key("alice@example.com") == "mailgate:dir:neg:alice@example.com"
     assert records.MOVES_CHANNEL == "mailgate:moves"
     assert records.KICK_CHANNEL == "mailgate:kick"
-    assert records.LOOKUP_SCRIPT.count("redis.call") == 2
+    assert records.mailbox_ids_key(7) == "mailgate:dir:ids:7"
+    assert records.LDAP_MARK_KEY == "mailgate:dir:ldap"
+    assert records.LOOKUP_SCRIPT.count("redis.call") == 3   # GET, HGET, EXISTS on a miss only
 
 
 def test_move_message_round_trip():
     data = records.move_message("alice@example.com", "A", "B")
     assert msgpack.unpackb(data) == {"login": "alice@example.com", "from": "A", "to": "B"}
-    assert records.parse_move_message(data) == ("alice@example.com", "A", "B")
+    assert records.parse_move_message(data) == ("alice@example.com", "A", "B", "")
+    with_id = records.move_message("alice@example.com", "A", "B", "id-1")
+    assert records.parse_move_message(with_id).mailbox_id == "id-1"
+    assert records.parse_close_message(with_id) == ("alice@example.com", "id-1")
     with pytest.raises(ValueError):
         records.parse_move_message(b"\x93")
+    with pytest.raises(ValueError):
+        records.parse_move_message(msgpack.packb({"login": "a", "from": "A"}))
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xc1", msgpack.packb([1]), msgpack.packb({"login": ""}),
+    msgpack.packb({"login": 5}), msgpack.packb({"login": "a", "id": 5}),
+    msgpack.packb({"id": "x"}),
+])
+def test_close_message_garbage_raises_value_error(data):
+    with pytest.raises(ValueError):
+        records.parse_close_message(data)
+
+
+def test_kick_message():
+    assert records.parse_close_message(records.kick_message("bob@example.com")) == \
+        ("bob@example.com", "")
+    assert records.parse_close_message(records.kick_message("bob", "id-b")) == ("bob", "id-b")

@@ -1,0 +1,156 @@
+"""LDIF directory exports (RFC 2849) → a stream of ExportEntry, parsed with the ``ldif``
+library (folded lines, ``::`` base64 values, comments, DN syntax).
+
+Each entry goes through the same attribute mapping as the LDAP source (mapping.py), so an
+``ldapsearch -LLL`` dump of the directory, or an Active Directory ``ldifde`` export, warms the
+cache exactly as an LDAP sync would.  Entries without a back-end or without a login name
+(organizational units, groups, accounts without a mailbox) are passed over.
+
+A malformed file raises ExportError naming the physical line: the library does not count
+folded lines, so a counting reader notes where each record starts, and on an error the record
+is parsed again one logical line at a time to find the line at fault.  A login name that two
+entries claim is an error too (the reader keeps only the names' hashes and re-reads the file to
+name the first entry).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator
+
+import ldif
+
+from ..config import DirectoryConfig
+from .export import ExportEntry, ExportError
+from .mapping import AttributeMap
+
+MAX_RECORD_LINES = 100_000     # a record longer than this is not a directory entry
+LIBRARY_MESSAGES = {"subsection not found": "a line without ':' (expected 'attribute: value')"}
+
+
+class _CountingReader:
+    """A binary file whose readline() notes the physical line each LDIF record starts on."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.number = 0
+        self.in_record = False
+        self.starts: deque[int] = deque()
+
+    def readline(self) -> bytes:
+        line = self.handle.readline()
+        if line:
+            self.number += 1
+            first = line[:1]
+            if first in (b"\n", b"\r"):
+                self.in_record = False
+            elif not self.in_record and first not in (b"#", b" "):
+                self.in_record = True
+                self.starts.append(self.number)
+        return line
+
+
+def iter_ldif(path: str, directory: DirectoryConfig) -> Iterator[ExportEntry]:
+    """Stream the entries of an LDIF export, one ExportEntry per login name.
+
+    ``ExportEntry.line`` is the line the entry's record starts on.  Raises ExportError for an
+    unreadable file, LDIF syntax errors, change records (``changetype:``) and a login name
+    claimed by two entries; entries before the error have been yielded already.
+    """
+    attribute_map = AttributeMap(directory)
+    seen_hashes: set[int] = set()
+    for line, dn, attributes in _records(path):
+        mailbox = attribute_map.mailbox(dn, attributes)
+        if mailbox is None:
+            continue
+        for login in mailbox.login_names:
+            login_hash = hash(login)
+            if login_hash in seen_hashes:
+                first = _first_entry_of(path, attribute_map, login, line)
+                if first is not None:
+                    raise ExportError(path, line, f"duplicate login {login!r} "
+                                                  f"(first in the entry on line {first})")
+            seen_hashes.add(login_hash)
+            yield ExportEntry(line, login, mailbox.backend, mailbox.backend_login,
+                              mailbox.mailbox_id)
+
+
+def _records(path: str, stop_at: int | None = None) -> Iterator[tuple[int, str, dict]]:
+    """(start line, dn, attributes with lower-case names) of each entry record."""
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise ExportError(path, None, f"cannot read: {exc.strerror}") from None
+    with handle:
+        reader = _CountingReader(handle)
+        records = ldif.LDIFParser(reader, encoding="utf8").parse()
+        while True:
+            try:
+                dn, entry = next(records)
+            except StopIteration:
+                return
+            except ValueError as exc:   # binascii.Error, UnicodeError: ValueError too
+                start = reader.starts.popleft() if reader.starts else reader.number
+                reason = LIBRARY_MESSAGES.get(str(exc), str(exc))
+                raise ExportError(path, _fault_line(path, start),
+                                  f"bad LDIF: {reason}") from None
+            except OSError as exc:
+                raise ExportError(path, reader.number, f"cannot read: {exc.strerror}") from None
+            start = reader.starts.popleft() if reader.starts else reader.number
+            if stop_at is not None and start >= stop_at:
+                return
+            if dn is None and not entry:
+                continue   # "version: 1" alone
+            yield start, dn, _attributes(path, start, entry)
+
+
+def _attributes(path: str, line: int, entry: dict) -> dict:
+    attributes: dict[str, list] = {}
+    for name, values in entry.items():
+        name = name.partition(";")[0].lower()   # "objectGUID;binary" → "objectguid"
+        attributes.setdefault(name, []).extend(values)
+    if "changetype" in attributes:
+        raise ExportError(path, line, "LDIF change records (changetype:) are not a directory "
+                                      "export; export the entries themselves")
+    return attributes
+
+
+def _fault_line(path: str, start: int) -> int:
+    """The physical line at fault in the record starting on ``start``: the record is parsed
+    again with one more logical line (a line and its folded continuations) each time."""
+    logical: list[tuple[int, bytes]] = []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if number < start:
+                continue
+            if not line.strip(b"\r\n") or number - start > MAX_RECORD_LINES:
+                break
+            if line[:1] == b" " and logical:
+                logical[-1] = (logical[-1][0], logical[-1][1] + line)
+            else:
+                logical.append((number, line))
+    for count in range(1, len(logical) + 1):
+        chunk = b"".join(text for _, text in logical[:count])
+        try:
+            for _ in ldif.LDIFParser(_BytesLines(chunk)).parse():
+                pass
+        except ValueError:
+            return logical[count - 1][0]
+    return start
+
+
+class _BytesLines:
+    def __init__(self, data: bytes):
+        self.lines = iter(data.splitlines(keepends=True))
+
+    def readline(self) -> bytes:
+        return next(self.lines, b"")
+
+
+def _first_entry_of(path: str, attribute_map: AttributeMap, login: str,
+                    before_line: int) -> int | None:
+    """The start line of the first entry before ``before_line`` that has ``login``."""
+    for line, dn, attributes in _records(path, stop_at=before_line):
+        mailbox = attribute_map.mailbox(dn, attributes)
+        if mailbox is not None and login in mailbox.login_names:
+            return line
+    return None
