@@ -1,0 +1,127 @@
+"""Fixtures for RFC 2193 mailbox referrals: two real Dovecots and the scripted back-end.
+
+A test module takes them with ``from referral_fixtures import *``:
+
+* ``ref_home``: Dovecot "ref-home" holding each REF_USERS user's own mailboxes, with one
+  message in INBOX (Subject "home inbox").
+* ``ref_remote``: Dovecot "ref-remote", the same users and passwords, where the public
+  folders "public/NAME" (NAME in PUBLIC_FOLDERS) exist for every user, each holding one
+  message (Subject "public NAME").
+* ``referral_backend``: a started :class:`ReferralBackend` in front of ``ref_home`` that
+  refers "public/..." to ``ref_remote``.
+* ``make_referral_backend(**kwargs)``: more of them (function scope, stopped at teardown),
+  e.g. ``referral_host="192.0.2.1"`` for a referral the gateway must refuse.
+
+Both Dovecots use "/" as the hierarchy separator (SLASH_NAMESPACE), so mailbox names look
+the same on every server; Maildir++ still stores "public/news" as ".public.news".
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import servers
+from referral_backend import ReferralBackend
+
+__all__ = ["SLASH_NAMESPACE", "REF_USER", "REF_PASSWORD", "REF_USERS", "PUBLIC_FOLDERS",
+           "ref_home", "ref_remote", "referral_backend", "make_referral_backend"]
+
+SLASH_NAMESPACE = "namespace inbox {\n  inbox = yes\n  separator = /\n}\n"
+REF_USER = "ref@example.com"
+REF_PASSWORD = "ref-secret"
+REF_USERS = {
+    REF_USER: REF_PASSWORD,
+    # A password LOGIN cannot carry as an atom: exercises literal replay on every hop.
+    "refweird@example.com": 'p a"s\\s{5}wörd',
+}
+PUBLIC_FOLDERS = ("news", "announcements")
+
+
+def _message(subject: str) -> bytes:
+    return (f"From: sender@example.com\r\nTo: ref@example.com\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '.')}@example.com>\r\n\r\n"
+            f"Body of {subject}.\r\n").encode()
+
+
+def _require_dovecot() -> None:
+    if servers.find_binary("dovecot") is not None:
+        return
+    message = "dovecot is not installed (apt-get install dovecot-imapd dovecot-pop3d)"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{message}; CI must run the integration tests", pytrace=False)
+    pytest.skip(message)
+
+
+def _start_dovecot(tmp_path_factory, name: str) -> servers.Dovecot:
+    _require_dovecot()
+    server = servers.Dovecot(tmp_path_factory.mktemp(name), name, REF_USERS,
+                             extra_conf=SLASH_NAMESPACE)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def ref_home(tmp_path_factory):
+    """The users' home server (a real Dovecot; "/" separator; one INBOX message each)."""
+    server = _start_dovecot(tmp_path_factory, "ref-home")
+    try:
+        for user in REF_USERS:
+            server.deliver(user, _message("home inbox"))
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ref_remote(tmp_path_factory):
+    """The public-folder server (a real Dovecot): "public/NAME" for every user, one message
+    in each."""
+    server = _start_dovecot(tmp_path_factory, "ref-remote")
+    try:
+        for user in REF_USERS:
+            client = server.imap(user)
+            try:
+                for name in PUBLIC_FOLDERS:
+                    typ, data = client.create(f"public/{name}")
+                    assert typ == "OK", data
+            finally:
+                client.logout()
+            for name in PUBLIC_FOLDERS:
+                server.deliver(user, _message(f"public {name}"), folder=f"public/{name}")
+        yield server
+    finally:
+        server.stop()
+
+
+def _backend(ref_home, ref_remote, **kwargs) -> ReferralBackend:
+    kwargs.setdefault("remote_host", ref_remote.host)
+    kwargs.setdefault("remote_port", ref_remote.imap_port)
+    kwargs.setdefault("public_folders", list(PUBLIC_FOLDERS))
+    return ReferralBackend(ref_home, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def referral_backend(ref_home, ref_remote):
+    """The scripted referral server in front of ref_home, referring public/ to ref_remote."""
+    backend = _backend(ref_home, ref_remote).start()
+    try:
+        yield backend
+    finally:
+        backend.stop()
+
+
+@pytest.fixture
+def make_referral_backend(ref_home, ref_remote):
+    """Factory: ``make_referral_backend(**ReferralBackend kwargs)`` → a started back-end in
+    front of ref_home (remote and public folders default to ref_remote's)."""
+    made: list[ReferralBackend] = []
+
+    def make(**kwargs) -> ReferralBackend:
+        backend = _backend(ref_home, ref_remote, **kwargs)
+        made.append(backend)
+        return backend.start()
+
+    yield make
+    for backend in made:
+        backend.stop()
