@@ -15,7 +15,6 @@ import time
 import pytest
 from imapclient import IMAPClient
 
-import servers
 from referral_fixtures import *  # noqa: F401,F403 - fixtures
 from referral_fixtures import REF_PASSWORD, REF_USER, REF_USERS
 
