@@ -357,3 +357,48 @@ def test_session_log_line_and_no_password_in_logs(gateway):
     assert "proto=imap client=127.0.0.1" in text
     for password in list(USERS_A.values()) + list(USERS_B.values()):
         assert password not in text
+
+
+# -- time and size bounds -------------------------------------------------------------------
+
+def test_idle_timeouts_before_and_after_login(make_gateway):
+    gateway = make_gateway(routes={"alice@example.com": "A"},
+                           sections={"imap": {"preauth_timeout": 1, "idle_timeout": 1}})
+    raw = Raw(gateway.imap_port)
+    assert raw.line().startswith(b"* BYE")      # nothing sent: autologout before login
+    assert raw.closed()
+    raw = Raw(gateway.imap_port)
+    raw.send(b"a LOGIN alice@example.com alice-secret\r\n")
+    assert raw.until_tagged(b"a")[-1].startswith(b"a OK")
+    assert raw.line().startswith(b"* BYE")      # idle after login
+    assert raw.closed()
+
+
+def rss_kib(pids) -> int:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as fh:
+            total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+    return total
+
+
+def test_50mb_literal_streams_without_growing_worker_memory(make_gateway):
+    gateway = make_gateway(workers=1, routes={"carol@example.com": "A"})
+    workers = gateway.worker_pids()
+    client = login_gateway(gateway, "carol@example.com")
+    try:
+        client.select("INBOX")
+        before = rss_kib(workers)
+        marker = f"huge-{time.time_ns()}"
+        message = unique_message(marker, 50 * 1024 * 1024)
+        assert client.append("INBOX", None, None, message)[0] == "OK"
+        uids = search_subject(client, marker)
+        typ, data = client.fetch(uids[0], "(BODY.PEEK[])")
+        assert len(data[0][1]) == len(message)
+        del message, data
+        client.store(uids[0], "+FLAGS", "(\\Deleted)")
+        client.expunge()
+        grown = rss_kib(workers) - before
+    finally:
+        client.logout()
+    assert grown < 16 * 1024, f"worker RSS grew by {grown} KiB while relaying 2 x 50 MB"
