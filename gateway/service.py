@@ -1,4 +1,5 @@
-"""What a worker serves: one handler per listener, the shared lookup, the open sessions.
+"""What a worker serves: one handler per listener, the shared lookup, the open sessions, and
+the subscriber that closes the sessions of moved (or kicked) mailboxes.
 
 The worker process (workers/worker.py) builds one ``Service`` after fork and hands each
 accepted connection to ``Service.handler(listen)``.  Everything here runs under gevent.
@@ -22,12 +23,13 @@ class Service:
         self.config = config
         self.redis_url = redis_url
         self.redis = cache.connect(config)
-        self.directory = cache.Directory(self.redis, config.directory)
+        self.directory = cache.Directory.for_config(self.redis, config)
         from gateway.imap.referrals import ReferralPolicy
         self.referral_policy = ReferralPolicy(config)
         self.sessions: weakref.WeakSet = weakref.WeakSet()
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}"
+        self.move_listener = self._start_move_listener()
 
     def new_session_id(self) -> str:
         return f"{self._id_prefix}.{next(self._ids):x}"
@@ -54,5 +56,37 @@ class Service:
 
     def shutdown(self, graceful: bool = False) -> None:
         """Say a protocol goodbye to every open session and close it."""
+        self.move_listener.stop()
         for session in list(self.sessions):
             session.goodbye("Server shutting down")
+
+    # -- moves and kicks -----------------------------------------------------------------------
+
+    def _start_move_listener(self):
+        """A greenlet subscribed to the moves and kicks of every sync job and gateway host."""
+        import gevent
+        from gateway.directory.moves import MoveListener
+        listener = MoveListener(self.redis_url, self.config.redis.timeout, self.close_sessions,
+                                sleep=gevent.sleep)
+        gevent.spawn(listener.run)
+        return listener
+
+    def close_sessions(self, targets, text: str) -> int:
+        """Say goodbye (``text``) to the sessions logged in, or logging in, under one of the
+        targets' login names or mailbox ids; returns how many.  One scan for a whole batch."""
+        from gateway.directory.records import normalize_login
+        from gateway.session import State
+        domain = self.config.directory.default_domain
+        closed = 0
+        for session in list(self.sessions):
+            if session.state in (State.PREAUTH, State.CLOSED) or session.closing:
+                continue
+            try:
+                login = normalize_login(session.login_name, domain)
+            except ValueError:
+                continue
+            if targets.matches(login, getattr(session, "mailbox_id", "")):
+                log.info("session=%s login=%s: %s", session.id, login, text)
+                session.goodbye(text)
+                closed += 1
+        return closed

@@ -116,6 +116,7 @@ class Session:
         self.started = time.monotonic()
         self.last_activity = self.started
         self.login_name = ""
+        self.mailbox_id = ""    # the directory's id of the mailbox: moves close by it too
         self.backend_name = ""
         self.backend: socket.socket | None = None
         self.bytes_in = 0       # client → gateway
@@ -190,6 +191,7 @@ class Session:
             self.login_failed(exc, started)
             return False
         self.login_name = found.login_name
+        self.mailbox_id = found.record.mailbox_id
         self.state = State.PROXYING
         log.info("session=%s proto=%s login=%s backend=%s mechanism=%s", self.id, self.protocol,
                  _safe(found.login_name), self.backend_name, mechanism)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway import config as config_mod
-from workers.services import EmbeddedRedis, ServiceError
+from workers.services import EmbeddedRedis, ServiceError, SyncJob
 from workers.sockets import BindError, SocketSet
 
 log = logging.getLogger("mailgate.master")
@@ -59,6 +59,7 @@ class Arbiter:
         self.sockets = SocketSet()
         self.redis: EmbeddedRedis | None = None
         self.redis_url = config.redis.url
+        self.sync_job: SyncJob | None = None
         self.signal_queue: list[str] = []
         self.pipe: tuple[int, int] | None = None
         self.stopping = False
@@ -97,6 +98,7 @@ class Arbiter:
             self.redis = EmbeddedRedis(self.config.server.run_dir)
             self.redis.start()
             self.redis_url = f"unix://{self.redis.socket_path}"
+        self.sync_job = SyncJob.for_config(self.config)
         self.pipe = os.pipe()
         for fd in self.pipe:
             os.set_blocking(fd, False)
@@ -137,6 +139,8 @@ class Arbiter:
         self.reap_workers()
         self.murder_workers()
         self.spawn_missing()
+        if self.sync_job and not self.stopping:
+            self.sync_job.tick()
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -173,6 +177,7 @@ class Arbiter:
             log.error("HUP: new config rejected, keeping the running one: %s", exc)
             return
         self.config = fresh
+        self.sync_job = SyncJob.for_config(fresh, self.sync_job)
         if not self.workers_override:
             self.target = fresh.server.worker_count
         old = [w for w in self.workers.values() if w.retiring_since is None]
@@ -243,6 +248,8 @@ class Arbiter:
                 return
             if self.redis and self.redis.reap(pid):
                 continue
+            if self.sync_job and self.sync_job.reap(pid, status):
+                continue
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
@@ -296,6 +303,8 @@ class Arbiter:
             pass
 
     def cleanup(self) -> None:
+        if self.sync_job:
+            self.sync_job.stop()
         if self.redis:
             self.redis.stop()
         self.sockets.close()

@@ -1,7 +1,11 @@
-"""Helper processes the master supervises beside its workers: the embedded Redis.
+"""Helper processes the master supervises beside its workers: the embedded Redis and the
+periodic directory sync job.
 
 The embedded Redis is private to one gateway host: a unix socket in the run folder, nothing
 saved to disk. Production setups point ``[redis] url`` at a shared Redis instead.
+
+The sync job is ``python -m gateway sync ldap --incremental`` in a child process, so the
+master itself never loads ldap3 (nor gevent): it only starts, reaps and schedules it.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 log = logging.getLogger("mailgate.services")
@@ -90,4 +95,86 @@ class EmbeddedRedis:
             process.kill()
             process.wait()
         except ProcessLookupError:
+            pass
+
+
+class SyncJob:
+    """Runs the incremental LDAP sync every ``directory.sync_interval`` seconds.
+
+    The first run starts with the master (it does a full sync when the cache has none); each
+    next one ``interval`` seconds after the previous one ended, so runs never overlap.  The
+    child's output goes to the master's stderr (its summary line lands in the gateway log).
+    """
+
+    def __init__(self, config_path: str, interval: float):
+        self.config_path = os.path.abspath(config_path)
+        self.interval = interval
+        self.process: subprocess.Popen | None = None
+        self.next_run = time.monotonic()
+
+    @classmethod
+    def for_config(cls, config, current: "SyncJob | None" = None) -> "SyncJob | None":
+        """The job a config asks for (None: source is not LDAP or no interval), reusing
+        ``current`` (a HUP keeps a running sync and its schedule)."""
+        directory = config.directory
+        if directory.source != "ldap" or directory.sync_interval <= 0:
+            return None
+        if current is None:
+            return cls(config.path, directory.sync_interval)
+        current.config_path = os.path.abspath(config.path)
+        current.interval = directory.sync_interval
+        return current
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def tick(self) -> None:
+        """Start a run when one is due and none is running (called every master pass)."""
+        if self.process is None and time.monotonic() >= self.next_run:
+            self.start()
+
+    def start(self) -> None:
+        import gateway
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(gateway.__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        argv = [sys.executable, "-m", "gateway", "sync", "ldap", "--incremental",
+                "--config", self.config_path]
+        try:
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env,
+                                            close_fds=True)
+        except OSError as exc:
+            log.error("directory sync cannot start: %s", exc)
+            self.next_run = time.monotonic() + self.interval
+            return
+        log.info("directory sync pid=%d started", self.process.pid)
+
+    def reap(self, pid: int, status: int) -> bool:
+        """True when pid was this job's run (reaped by the master's waitpid)."""
+        if self.process is None or pid != self.process.pid:
+            return False
+        code = os.waitstatus_to_exitcode(status)
+        self.process.returncode = code
+        self.process = None
+        self.next_run = time.monotonic() + self.interval
+        if code == 0:
+            log.info("directory sync pid=%d done", pid)
+        else:
+            log.warning("directory sync pid=%d failed (exit %s); next try in %ss", pid, code,
+                        self.interval)
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        try:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        except (ProcessLookupError, ChildProcessError):
             pass

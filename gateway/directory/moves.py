@@ -1,0 +1,133 @@
+"""Moves and kicks reach the workers: a subscriber on ``mailgate:moves`` and ``mailgate:kick``.
+
+Each worker runs one ``MoveListener`` (a greenlet; redis-py's sockets are cooperative after
+gevent's patching).  Messages are read in batches: a full sync that moves ten thousand
+mailboxes publishes ten thousand messages, and the worker scans its sessions once per batch,
+not once per message.  When Redis goes away the listener reconnects with a growing delay and
+never raises: a worker must outlive its Redis.  A message published while a worker was
+disconnected is lost for that worker; its sessions stay on the old back-end until the client
+reconnects (the session's own back-end usually closes them on a move anyway).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import redis
+
+from . import records
+
+log = logging.getLogger(__name__)
+
+MOVED_TEXT = "Mailbox moved, please reconnect"
+KICKED_TEXT = "Session closed by an administrator, please reconnect"
+LISTEN_TIMEOUT = 5.0      # seconds one wait for a message lasts (then the loop looks again)
+MAX_BATCH = 10_000
+MIN_BACKOFF, MAX_BACKOFF = 0.5, 10.0
+HEALTH_CHECK_INTERVAL = 30
+
+
+class Targets:
+    """The sessions one batch of messages closes: by login name and by mailbox id."""
+
+    def __init__(self):
+        self.logins: set[str] = set()
+        self.mailbox_ids: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.logins or self.mailbox_ids)
+
+    def add(self, login: str, mailbox_id: str) -> None:
+        self.logins.add(login)
+        if mailbox_id:
+            self.mailbox_ids.add(mailbox_id)
+
+    def matches(self, login: str, mailbox_id: str) -> bool:
+        return login in self.logins or bool(mailbox_id and mailbox_id in self.mailbox_ids)
+
+
+class MoveListener:
+    """Calls ``close(targets, text)`` for every batch of moves and for every batch of kicks.
+
+    ``run()`` loops until ``stop()``; it catches every error (logging it) so that the worker
+    carries on without moves rather than dying.
+    """
+
+    def __init__(self, url: str, connect_timeout: float,
+                 close: Callable[[Targets, str], int], sleep: Callable[[float], None] = time.sleep):
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self.close = close
+        self.sleep = sleep
+        self.stopped = False
+        self.connected = False     # subscribed right now (tests and health checks)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def run(self) -> None:
+        backoff = MIN_BACKOFF
+        while not self.stopped:
+            client = redis.Redis.from_url(
+                self.url, socket_connect_timeout=self.connect_timeout, socket_timeout=None,
+                socket_keepalive=True, health_check_interval=HEALTH_CHECK_INTERVAL)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(records.MOVES_CHANNEL, records.KICK_CHANNEL)
+                self.connected = True
+                if backoff > MIN_BACKOFF:
+                    log.info("subscribed to moves and kicks again")
+                backoff = MIN_BACKOFF
+                self.listen(pubsub)
+            except (redis.RedisError, OSError) as exc:
+                if self.connected or backoff == MIN_BACKOFF:
+                    log.warning("moves subscription lost (%s); retrying in %.1fs", exc, backoff)
+            except Exception:  # noqa: BLE001 - the worker must go on without moves
+                log.exception("moves subscription failed; retrying in %.1fs", backoff)
+            finally:
+                self.connected = False
+                _close_quietly(pubsub, client)
+            if not self.stopped:
+                self.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+
+    def listen(self, pubsub) -> None:
+        while not self.stopped:
+            message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
+            if message is None:
+                continue
+            batch = [message]
+            while len(batch) < MAX_BATCH:
+                message = pubsub.get_message(timeout=0)
+                if message is None:
+                    break
+                batch.append(message)
+            self.deliver(batch)
+
+    def deliver(self, batch: list[dict]) -> None:
+        moves, kicks = Targets(), Targets()
+        for message in batch:
+            if message.get("type") != "message":
+                continue
+            channel = message["channel"]
+            channel = channel.decode() if isinstance(channel, bytes) else channel
+            try:
+                login, mailbox_id = records.parse_close_message(message["data"])
+            except ValueError as exc:
+                log.warning("ignored a message on %s: %s", channel, exc)
+                continue
+            (kicks if channel == records.KICK_CHANNEL else moves).add(login, mailbox_id)
+        for targets, text in ((moves, MOVED_TEXT), (kicks, KICKED_TEXT)):
+            if targets:
+                closed = self.close(targets, text)
+                log.info("%s: closed %d sessions (%d login names, %d mailboxes)", text,
+                         closed, len(targets.logins), len(targets.mailbox_ids))
+
+
+def _close_quietly(pubsub, client) -> None:
+    for thing in (pubsub, client):
+        try:
+            thing.close()
+        except Exception:  # noqa: BLE001 - the connection is broken anyway
+            pass
