@@ -1,0 +1,64 @@
+"""``python -m bench --quick --only noop`` runs end to end, prints its table and leaves no
+server behind.  A smoke test of the harness only: no figure is asserted (benchmarks measure,
+tests assert behaviour)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import servers
+
+pytestmark = pytest.mark.integration
+
+NEEDED = {"redis-server": "redis-server", "dovecot": "dovecot-imapd dovecot-pop3d",
+          "nginx": "nginx-light libnginx-mod-mail"}
+MAIL_MODULE = "/usr/lib/nginx/modules/ngx_mail_module.so"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _require_servers() -> None:
+    missing = [pkg for name, pkg in NEEDED.items() if servers.find_binary(name) is None]
+    if not os.path.exists(MAIL_MODULE):
+        missing.append("libnginx-mod-mail")
+    if not missing:
+        return
+    message = f"the bench needs: apt-get install {' '.join(sorted(set(missing)))}"
+    if _in_ci():
+        pytest.fail(f"{message}; CI must run the bench smoke test", pytrace=False)
+    pytest.skip(message)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            cmdline = servers._cmdline(int(entry))
+            if text in cmdline:
+                found.append(f"{entry}: {cmdline}")
+    return found
+
+
+def test_quick_noop_bench_prints_the_table_and_stops_everything(tmp_path):
+    _require_servers()
+    result_path = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "noop", "--json", str(result_path)],
+        cwd=servers.REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(servers.REPO_ROOT)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "NOOP latency p50" in done.stdout
+    header = [line.split() for line in done.stdout.splitlines() if line.startswith(" ")]
+    assert ["direct", "mailgate", "nginx"] in header
+    results = json.loads(result_path.read_text())
+    assert results["meta"]["status"] == "complete"
+    assert set(results["noop"]) == {"direct", "mailgate", "nginx"}
+    assert all(r["p50_us"] > 0 for r in results["noop"].values())
+    assert not os.path.exists(results["meta"]["tmpdir"])
+    assert _processes_mentioning(results["meta"]["tmpdir"]) == []
