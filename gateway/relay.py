@@ -1,22 +1,34 @@
-"""Protocol-free two-way byte pump with byte counters and an idle timeout.
+"""Protocol-free two-way byte relay with byte counters and an idle timeout.
 
-Runs in the session's greenlet (client → back-end) plus one more greenlet (back-end →
-client).  Data moves in bounded reads; nothing is buffered beyond one read, so a 50 MB
-literal streams through in chunks.  An optional ``observe`` callback sees every chunk the
-client sends (the IMAP relay tracks tags and literals with it) before it is forwarded.
+After login a session needs no greenlet of its own: each direction is an I/O watcher on the
+worker's event loop whose callback moves what is readable, straight into the other socket.
+An idle logged-in connection therefore costs two sockets and four small watchers, not two
+parked greenlets, and a byte crosses the gateway without a greenlet switch.
+
+Data moves through one buffer per worker (callbacks run to completion, so they never share
+it at the same time); only what the other side cannot take at once is copied, and while it
+waits the reading side is paused, so a slow reader holds at most one chunk per direction —
+a 50 MB literal streams through in bounded memory.  An optional ``observe(buffer, size)``
+sees every chunk the client sends before it is forwarded (the IMAP tracker).
 """
 from __future__ import annotations
 
-import socket
+import _socket
+import logging
 import time
 
-import gevent
+from gevent import get_hub
+
+log = logging.getLogger("mailgate.relay")
 
 CHUNK = 65536
+READ, WRITE = 1, 2
+_buffer = bytearray(CHUNK)
+_view = memoryview(_buffer)
 
 
 class RelayEnd(Exception):
-    """Why a relay stopped: ``side`` ("client" or "backend") and a reason for the log."""
+    """Why a relay stopped: ``side`` ("client", "backend" or "gateway") and a reason."""
 
     def __init__(self, side: str, reason: str):
         super().__init__(f"{side} {reason}")
@@ -24,66 +36,137 @@ class RelayEnd(Exception):
         self.reason = reason
 
 
-def relay(session, idle_timeout: float, observe=None) -> RelayEnd:
-    """Move bytes both ways until one side closes, errs or the session idles out.
-
-    Returns the RelayEnd describing which side ended it.  Counters on ``session``:
-    bytes_in (client → back-end) and bytes_out (back-end → client).
-    """
-    client, backend = session.client, session.backend
-    client.settimeout(idle_timeout)
-    backend.settimeout(idle_timeout)
-    upstream = gevent.getcurrent()
-    downstream = gevent.spawn(_pump_down, session, idle_timeout)
-    try:
-        ending = _pump(session, client, backend, "client", idle_timeout, observe)
-    except RelayEnd as exc:
-        ending = exc
-    except gevent.GreenletExit:
-        ending = RelayEnd("gateway", "closed")
-    if downstream.ready():
-        ending = downstream.value or ending
-    else:
-        downstream.kill(block=True)
-    del upstream
-    return ending
+def _raw(sock) -> _socket.socket:
+    """Take the descriptor from a gevent socket into a plain non-blocking one."""
+    raw = _socket.socket(fileno=sock.detach())
+    raw.setblocking(False)
+    return raw
 
 
-def _pump_down(session, idle_timeout: float) -> RelayEnd:
-    try:
-        ending = _pump(session, session.backend, session.client, "backend", idle_timeout, None)
-    except RelayEnd as exc:
-        ending = exc
-    session.relay_ended(ending)
-    return ending
+class _Direction:
+    """One way through the relay: reads ``src``, writes ``dst``."""
 
+    __slots__ = ("relay", "src", "dst", "side", "peer", "reader", "writer", "pending", "upward")
 
-def _pump(session, src, dst, side: str, idle_timeout: float, observe) -> RelayEnd:
-    """Copy src → dst until EOF; raise RelayEnd on errors and idle timeout."""
-    upward = side == "client"
-    while True:
+    def __init__(self, relay: "Relay", src, dst, upward: bool):
+        loop = get_hub().loop
+        self.relay = relay
+        self.src, self.dst = src, dst
+        self.upward = upward
+        self.side, self.peer = ("client", "backend") if upward else ("backend", "client")
+        self.reader = loop.io(src.fileno(), READ)
+        self.writer = loop.io(dst.fileno(), WRITE)
+        self.pending = None
+
+    def on_readable(self) -> None:
+        relay = self.relay
         try:
-            data = src.recv(CHUNK)
-        except socket.timeout:
-            if time.monotonic() - session.last_activity >= idle_timeout:
-                raise RelayEnd(side, "idle timeout") from None
-            continue
+            size = self.src.recv_into(_buffer)
+        except BlockingIOError:
+            return
         except OSError as exc:
-            raise RelayEnd(side, f"read error: {exc.strerror or exc}") from None
-        if not data:
-            return RelayEnd(side, "closed")
+            relay.finish(self.side, f"read error: {exc.strerror or exc}")
+            return
+        if not size:
+            relay.finish(self.side, "closed")
+            return
+        session = relay.session
         session.last_activity = time.monotonic()
-        if observe is not None:
-            observe(data)
-        try:
-            dst.sendall(data)
-        except socket.timeout:
-            raise RelayEnd("backend" if upward else "client", "write timeout") from None
-        except OSError as exc:
-            raise RelayEnd("backend" if upward else "client",
-                           f"write error: {exc.strerror or exc}") from None
-        if upward:
-            session.bytes_in += len(data)
+        if self.upward:
+            session.bytes_in += size
+            if relay.observe is not None:
+                relay.observe(_buffer, size)
         else:
-            session.bytes_out += len(data)
-            session.last_backend_chunk = data  # a reference: lets a protocol see a goodbye
+            session.bytes_out += size
+            relay.tail = bytes(_view[max(0, size - 64):size])
+        data = _view[:size]
+        try:
+            sent = self.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            relay.finish(self.peer, f"write error: {exc.strerror or exc}")
+            return
+        if sent < size:
+            self.pending = memoryview(bytes(data[sent:]))
+            self.reader.stop()
+            self.writer.start(relay.guard, self.on_writable)
+
+    def on_writable(self) -> None:
+        try:
+            sent = self.dst.send(self.pending)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.relay.finish(self.peer, f"write error: {exc.strerror or exc}")
+            return
+        self.pending = self.pending[sent:]
+        if not len(self.pending):
+            self.pending = None
+            self.writer.stop()
+            self.reader.start(self.relay.guard, self.on_readable)
+
+    def stop(self) -> None:
+        self.reader.stop()
+        self.writer.stop()
+        self.reader.close()
+        self.writer.close()
+
+
+class Relay:
+    """The relay of one logged-in session, from ``start()`` until ``finish()``.
+
+    ``session`` provides ``last_activity``, the byte counters and ``relay_ended(RelayEnd)``,
+    called once when the relay stops (before the sockets close, so the protocol may still
+    say goodbye with ``send_to_client``).
+    """
+
+    __slots__ = ("session", "client", "backend", "up", "down", "observe", "tail", "done")
+
+    def __init__(self, session, client, backend, observe=None):
+        self.session = session
+        self.client = _raw(client)
+        self.backend = _raw(backend)
+        self.observe = observe
+        self.tail = b""          # the back-end's last bytes (did it say goodbye?)
+        self.done = False
+        self.up = _Direction(self, self.client, self.backend, True)
+        self.down = _Direction(self, self.backend, self.client, False)
+
+    def start(self) -> None:
+        self.up.reader.start(self.guard, self.up.on_readable)
+        self.down.reader.start(self.guard, self.down.on_readable)
+
+    def guard(self, callback) -> None:
+        """Run a watcher callback; a bug ends this session only, never the worker."""
+        try:
+            callback()
+        except Exception:  # noqa: BLE001
+            log.exception("session=%s relay error", self.session.id)
+            self.finish("gateway", "internal error")
+
+    def send_to_client(self, data: bytes) -> None:
+        """Best effort, for a goodbye line: only between chunks, never blocking."""
+        if self.done or self.down.pending is not None:
+            return
+        try:
+            self.client.send(data)
+        except OSError:
+            pass
+
+    def finish(self, side: str, reason: str) -> None:
+        """Stop both directions, let the protocol say goodbye, close both sockets."""
+        if self.done:
+            return
+        self.up.stop()
+        self.down.stop()
+        try:
+            self.session.relay_ended(RelayEnd(side, reason))
+        finally:
+            self.done = True
+            for sock in (self.client, self.backend):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+            self.session.relay_closed()

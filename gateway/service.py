@@ -10,7 +10,7 @@ import itertools
 import logging
 import os
 import socket
-import weakref
+import time
 
 log = logging.getLogger("mailgate.service")
 
@@ -26,10 +26,12 @@ class Service:
         self.directory = cache.Directory.for_config(self.redis, config)
         from gateway.imap.referrals import ReferralPolicy
         self.referral_policy = ReferralPolicy(config)
-        self.sessions: weakref.WeakSet = weakref.WeakSet()
+        self.sessions: set = set()
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}"
         self.move_listener = self._start_move_listener()
+        import gevent
+        self.sweeper = gevent.spawn(self.sweep)
 
     def new_session_id(self) -> str:
         return f"{self._id_prefix}.{next(self._ids):x}"
@@ -42,17 +44,36 @@ class Service:
         if session_class is None:
             raise ValueError(f"protocol {listen.protocol!r} is not served yet")
 
+        limit = self.config.server.max_connections
+
         def handle(client: socket.socket, address) -> None:
             session = session_class(self, client, address, listen)
+            if len(self.sessions) >= limit:
+                session.refuse("Too many connections, try again later")
+                return
             self.sessions.add(session)
-            try:
-                session.run()
-            finally:
-                self.sessions.discard(session)
+            session.run()     # a logged-in session goes on in the relay after this returns
         return handle
+
+    def forget(self, session) -> None:
+        self.sessions.discard(session)
 
     def open_sessions(self) -> int:
         return len(self.sessions)
+
+    def sweep(self) -> None:
+        """Close relayed sessions idle past their protocol's idle_timeout (the relay has no
+        per-read timers: one pass over the sessions every few seconds costs far less)."""
+        import gevent
+        timeouts = [self.config.imap.idle_timeout, self.config.pop3.idle_timeout]
+        interval = min(max(min(timeouts) / 4, 0.25), 10.0)
+        while True:
+            gevent.sleep(interval)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                if session.relay is not None and \
+                        now - session.last_activity >= session.settings.idle_timeout:
+                    session.idle_out()
 
     def shutdown(self, graceful: bool = False) -> None:
         """Say a protocol goodbye to every open session and close it."""

@@ -147,14 +147,61 @@ class Session:
             self.end("internal error")
             self.try_send(self.internal_error_line)
         finally:
-            self.log_end()
-            self.close()
+            if self.relay is None:      # a relayed session ends in relay_closed()
+                self.close()
+                self.finished()
 
     def try_send(self, data: bytes) -> None:
+        """Best effort (a goodbye): never raises, never blocks a relayed session."""
+        if self.relay is not None:
+            self.relay.send_to_client(data)
+            return
         try:
             self.send(data)
         except ClientGone:
             pass
+
+    # -- the relay after login --------------------------------------------------------------------
+
+    relay = None
+
+    def hand_over(self, client_pending: bytes, backend_pending: bytes, observe=None) -> None:
+        """Forward what was read ahead, then give both sockets to the event-loop relay.
+
+        The session's greenlet ends after this; the relay calls relay_ended() and then
+        relay_closed() when either side stops.
+        """
+        from gateway.relay import Relay
+        try:
+            if backend_pending:
+                self.send(backend_pending)
+            if client_pending:
+                if observe is not None:
+                    observe(client_pending, len(client_pending))
+                self.backend.sendall(client_pending)
+                self.bytes_in += len(client_pending)
+        except OSError as exc:
+            self.end(f"backend write error: {exc.strerror or exc}")
+            return
+        self.relay = Relay(self, self.client, self.backend, observe)
+        self.client = self.backend = None
+        self.relay.start()
+
+    def relay_ended(self, ending) -> None:
+        """The relay stopped (sockets still open): the protocol may say goodbye here."""
+        self.end(f"{ending.side} {ending.reason}")
+
+    def relay_closed(self) -> None:
+        self.finished()
+
+    def idle_out(self) -> None:
+        """Called by the worker's sweep when a relayed session has been idle too long."""
+        if self.relay is not None:
+            self.relay.finish("client", "idle timeout")
+
+    def finished(self) -> None:
+        self.log_end()
+        self.service.forget(self)
 
     # The protocol part: what the client sees first, reads, and gets when the server ends it.
     internal_error_line = b""
@@ -193,8 +240,8 @@ class Session:
         self.login_name = found.login_name
         self.mailbox_id = found.record.mailbox_id
         self.state = State.PROXYING
-        log.info("session=%s proto=%s login=%s backend=%s mechanism=%s", self.id, self.protocol,
-                 _safe(found.login_name), self.backend_name, mechanism)
+        log.debug("session=%s proto=%s login=%s backend=%s mechanism=%s", self.id,
+                  self.protocol, _safe(found.login_name), self.backend_name, mechanism)
         self.answer_success(result)
         return True
 
@@ -258,12 +305,20 @@ class Session:
         if not self.end_reason:
             self.end_reason = reason
 
+    def refuse(self, text: str) -> None:
+        """Turn a connection away before its session starts (worker full)."""
+        self.try_send(self.goodbye_line(text))
+        self.close()
+
     def goodbye(self, text: str) -> None:
         """Server-initiated close (shutdown, kick): the protocol's goodbye line, then close."""
         self.try_send(self.goodbye_line(text))
         self.end(text)
         self.closing = True
-        self.close()
+        if self.relay is not None:
+            self.relay.finish("gateway", text)
+        else:
+            self.close()
 
     def close(self) -> None:
         for sock in (self.backend, self.client):

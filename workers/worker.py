@@ -90,7 +90,9 @@ class Worker:
             log.info("worker pid=%d draining %d sessions", os.getpid(), self.service.open_sessions())
             deadline = self.config.server.graceful_timeout
             with gevent.Timeout(deadline, False):
-                while any(len(p) for p in pools) and self.graceful:
+                # Logged-in sessions live in the event-loop relay, not in the pools.
+                while (self.service.open_sessions() or any(len(p) for p in pools)) \
+                        and self.graceful:
                     gevent.sleep(0.1)
         self.service.shutdown(graceful=False)
         with gevent.Timeout(2, False):

@@ -11,7 +11,6 @@ import logging
 import socket
 from collections import deque
 
-from gateway import relay as relay_mod
 from gateway import sasl
 from gateway import session as session_mod
 from gateway.imap import parser, referrals
@@ -274,24 +273,10 @@ class ImapSession(session_mod.Session):
         if self.credentials is not None:
             self.proxy_with_referrals()
             return
-        tracker = self.tracker = CommandTracker()
+        self.tracker = CommandTracker()
         pending_up = self.leftover()
-        self.events.clear()
-        try:
-            if self.backend_pending:
-                self.send(self.backend_pending)
-            if pending_up:
-                tracker.observe(pending_up)
-                self.backend.sendall(pending_up)
-        except OSError as exc:
-            self.end(f"backend write error: {exc}")
-            return
-        ending = relay_mod.relay(self, self.settings.idle_timeout, tracker.observe)
-        if self.end_reason:
-            return
-        if ending.side == "client" and ending.reason == "idle timeout":
-            self.try_send(b"* BYE Autologout; idle for too long.\r\n")
-        self.end(f"{ending.side} {ending.reason}")
+        self.events = self.framer = None        # pre-auth state is not kept for the session
+        self.hand_over(pending_up, self.backend_pending, self.tracker.observe)
 
     def proxy_with_referrals(self) -> None:
         """The home back-end may refer mailboxes elsewhere: the routing relay follows them."""
@@ -304,15 +289,17 @@ class ImapSession(session_mod.Session):
         self.end(relay.run(pending_up, self.backend_pending))
 
     def relay_ended(self, ending) -> None:
-        """Called by the back-end pump when the back-end side stops first."""
-        if ending.side == "backend" and not self.closing:
-            if not self.tracker.logout and b"* BYE" not in self.last_backend_chunk:
-                self.try_send(b"* BYE [UNAVAILABLE] Connection to the mail server lost.\r\n")
-            self.end(f"backend {ending.reason}")
-        self.close()
+        """Before the relay closes: an IMAP goodbye unless the client already has one."""
+        if not self.closing:
+            if ending.side == "backend":
+                if not self.tracker.logout and b"* BYE" not in self.relay.tail:
+                    self.try_send(b"* BYE [UNAVAILABLE] Connection to the mail server lost.\r\n")
+            elif ending.reason == "idle timeout":
+                self.try_send(b"* BYE Autologout; idle for too long.\r\n")
+        super().relay_ended(ending)
 
     backend_pending = b""
-    last_backend_chunk = b""
+    tracker = None
     credentials = None
     home = None
     backend_login_name = ""

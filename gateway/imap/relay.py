@@ -29,18 +29,19 @@ class CommandTracker:
         self.last_tag = ""
         self.last_name = ""
 
-    def observe(self, data: bytes) -> None:
-        """Feed the next bytes the client sent (any split)."""
-        pos, size = 0, len(data)
+    def observe(self, data, size: int) -> None:
+        """Feed the next ``size`` bytes the client sent, from the start of ``data`` (a bytes
+        or bytearray buffer that may be longer); any split of the stream gives the same."""
+        pos = 0
         while pos < size:
             if self.literal_left:
                 step = min(self.literal_left, size - pos)
                 self.literal_left -= step
                 pos += step
                 continue
-            newline = data.find(b"\n", pos)
+            newline = data.find(b"\n", pos, size)
             if newline < 0:
-                self._partial(data[pos:])
+                self._partial(data[pos:size])
                 return
             self._partial(data[pos:newline + 1])
             self._line_done()

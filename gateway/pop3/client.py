@@ -11,7 +11,6 @@ import re
 import socket
 import time
 
-from gateway import relay as relay_mod
 from gateway import sasl
 from gateway import session as session_mod
 from gateway.pop3.backend import LineReader, LineTooLong, Pop3Backend
@@ -179,47 +178,32 @@ class Pop3Session(session_mod.Session):
     # -- after login ------------------------------------------------------------------------------
 
     backend_pending = b""
-    last_backend_chunk = b""
     quit_seen = False
     client_tail = b"\n"     # the end of what the client sent, to find QUIT across chunks
 
     def proxy(self) -> None:
         pending_up = self.reader.take()
+        self.reader = None                       # pre-auth state is not kept for the session
         self.last_activity = time.monotonic()   # the idle clock starts at login
-        try:
-            if self.backend_pending:
-                self.send(self.backend_pending)
-            if pending_up:
-                self.watch_quit(pending_up)
-                self.backend.sendall(pending_up)
-        except OSError as exc:
-            self.end(f"backend write error: {exc}")
-            return
-        ending = relay_mod.relay(self, self.settings.idle_timeout, self.watch_quit)
-        if self.end_reason:
-            return
-        if ending.side == "client" and ending.reason == "idle timeout":
-            self.try_send(INACTIVITY)   # RFC 1939 §3: the autologout timer
-        self.end("quit" if self.quit_seen else f"{ending.side} {ending.reason}")
+        self.hand_over(pending_up, self.backend_pending, self.watch_quit)
 
-    def watch_quit(self, data: bytes) -> None:
+    def watch_quit(self, buffer, size: int) -> None:
         """Notes a QUIT line, so that the back-end closing after it is no error."""
         if not self.quit_seen:
+            data = bytes(buffer[:size]) if size <= 512 else bytes(buffer[size - 512:size])
             self.quit_seen = bool(_QUIT_LINE.search(self.client_tail + data))
             self.client_tail = (self.client_tail + data[-8:])[-8:]
 
     def relay_ended(self, ending) -> None:
-        """The back-end side stopped first: unless the client quit, tell it before closing."""
-        if ending.side == "backend" and not self.closing and not self.end_reason:
-            if self.quit_seen:
-                self.end("quit")
-            else:
-                if ending.reason == "idle timeout":
-                    self.try_send(INACTIVITY)
-                elif not _is_goodbye(self.last_backend_chunk):
-                    self.try_send(b"-ERR [SYS/TEMP] Connection to the mail server lost.\r\n")
-                self.end(f"backend {ending.reason}")
-        self.close()
+        """Before the relay closes: unless the client quit, tell it why the session ends."""
+        if self.quit_seen and ending.side != "gateway":
+            self.end("quit")
+        elif not self.closing:
+            if ending.reason == "idle timeout":
+                self.try_send(INACTIVITY)   # RFC 1939 §3: the autologout timer
+            elif ending.side == "backend" and not _is_goodbye(self.relay.tail):
+                self.try_send(b"-ERR [SYS/TEMP] Connection to the mail server lost.\r\n")
+        super().relay_ended(ending)
 
 
 def _is_goodbye(chunk: bytes) -> bool:
