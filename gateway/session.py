@@ -91,13 +91,35 @@ def connect(backend: BackendConfig, protocol: str) -> socket.socket:
     """A TCP connection to the back-end's port for ``protocol``; raises LoginError."""
     address = (backend.address, backend.port(protocol))
     try:
-        sock = socket.create_connection(address, timeout=backend.connect_timeout)
+        family = _numeric_family(backend.address)
+        if family is None:
+            sock = socket.create_connection(address, timeout=backend.connect_timeout)
+        else:
+            # An address literal needs no resolver (gevent's would take a thread-pool trip).
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(backend.connect_timeout)
+            try:
+                sock.connect(address)
+            except OSError:
+                sock.close()
+                raise
     except OSError as exc:
         reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
         raise LoginError(Failure.UNAVAILABLE,
                          f"connect {backend.name} {address[0]}:{address[1]}: {reason}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def _numeric_family(host: str) -> int | None:
+    """AF_INET/AF_INET6 for an address literal, None for a name to resolve."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return family
+        except OSError:
+            continue
+    return None
 
 
 class Session:

@@ -64,6 +64,7 @@ class ImapBackend:
         self.capabilities: list[str] = []      # upper-cased, for tests of what is offered
         self.capability_words: list[str] = []  # as the back-end spelled them, for the client
         self.tag_counter = 0
+        self.prefix = b""      # a pipelined command waiting to leave with the next write
         sock.settimeout(timeout)
 
     # -- reading ------------------------------------------------------------------------------
@@ -138,6 +139,12 @@ class ImapBackend:
         With LITERAL+ the whole command is one write; without it each literal waits for the
         back-end's continuation request.
         """
+        self._send(self.prefix + self.encode_command(tag, name, args))
+        self.prefix = b""
+
+    def encode_command(self, tag: str, name: str, args: list[bytes | str]) -> bytes:
+        """The command as bytes when it needs no continuation (LITERAL+); else sends it in
+        steps, waiting for each "+", and returns the last piece."""
         plus = self._literal_plus()
         head = f"{tag} {name}".encode("ascii")
         for arg in args:
@@ -147,11 +154,12 @@ class ImapBackend:
             raw = arg.encode("utf-8")
             head += b" {%d%s}\r\n" % (len(raw), b"+" if plus else b"")
             if not plus:
-                self._send(head)
+                self._send(self.prefix + head)
+                self.prefix = b""
                 self._await_continuation(tag)
                 head = b""
             head += raw
-        self._send(head + b"\r\n")
+        return head + b"\r\n"
 
     def _await_continuation(self, tag: str) -> None:
         while True:
@@ -203,14 +211,17 @@ class ImapBackend:
               id_fields: list[tuple[str, str]]) -> Response:
         """Send ID (when offered) and the login; returns the tagged OK or raises LoginError."""
         id_tag = None
-        if "ID" in self.capabilities and id_fields:
-            id_tag = self.next_tag()
-            self._send(f"{id_tag} ID ".encode() + encode_id(id_fields) + b"\r\n")
         use_plain = mechanism == "PLAIN" or "LOGINDISABLED" in self.capabilities
         pipelined = self._literal_plus() and (not use_plain or "SASL-IR" in self.capabilities)
-        if id_tag and not pipelined:
-            self.await_tagged(id_tag)
-            id_tag = None
+        if "ID" in self.capabilities and id_fields:
+            id_tag = self.next_tag()
+            # Pipelined, ID and the login leave in one write (one round trip, one segment).
+            self.prefix = f"{id_tag} ID ".encode() + encode_id(id_fields) + b"\r\n"
+            if not pipelined:
+                self._send(self.prefix)
+                self.prefix = b""
+                self.await_tagged(id_tag)
+                id_tag = None
         tag = self.next_tag()
         if use_plain and "AUTH=PLAIN" in self.capabilities:
             self._send_plain(tag, login_name, password)
@@ -235,7 +246,8 @@ class ImapBackend:
     def _send_plain(self, tag: str, login_name: str, password: str) -> None:
         token = sasl.encode_plain(login_name, password)
         if "SASL-IR" in self.capabilities:
-            self._send(f"{tag} AUTHENTICATE PLAIN ".encode() + token + b"\r\n")
+            self._send(self.prefix + f"{tag} AUTHENTICATE PLAIN ".encode() + token + b"\r\n")
+            self.prefix = b""
             return
         self._send(f"{tag} AUTHENTICATE PLAIN\r\n".encode())
         self._await_continuation(tag)
