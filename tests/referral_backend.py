@@ -67,8 +67,10 @@ class ReferralBackend:
     def __init__(self, home: servers.Dovecot, *, remote_host: str, remote_port: int,
                  public_prefix: str = "public/", public_folders=(),
                  referral_host: str | None = None, referral_port: int | None = None,
-                 idle_timeout: float = 600.0, home_timeout: float = 10.0):
+                 idle_timeout: float = 600.0, home_timeout: float = 10.0,
+                 dead_replicas: tuple = ()):
         self.home = home
+        self.dead_replicas = list(dead_replicas)   # (host, port) named before the real one
         self.remote_host = remote_host
         self.remote_port = remote_port
         self.public_prefix = public_prefix
@@ -119,13 +121,17 @@ class ReferralBackend:
         for session in sessions:
             session.join(5)
 
-    def referral_url(self, user: str | None, mailbox_wire: str) -> str:
+    def referral_url(self, user: str | None, mailbox_wire: str, replicas: bool = True) -> str:
         """The URL this server refers ``mailbox_wire`` (a modified UTF-7 name) to."""
         try:
             mailbox = mutf7_decode(mailbox_wire)
         except ValueError:
             mailbox = mailbox_wire
-        return format_url(ImapUrl(self.referral_host, self.referral_port, user, "*", mailbox))
+        url = format_url(ImapUrl(self.referral_host, self.referral_port, user, "*", mailbox))
+        # Replicas named first (best first, RFC 2193 §4) that the test made unreachable.
+        dead = [format_url(ImapUrl(host, port, user, "*", mailbox))
+                for host, port in (self.dead_replicas if replicas else ())]
+        return " ".join(dead + [url])
 
     def is_public(self, mailbox_wire: str) -> bool:
         return mailbox_wire.startswith(self.public_prefix)
@@ -409,7 +415,8 @@ class _Session(threading.Thread):
                                            for i, p in enumerate(parts)))
 
     def refer(self, tag: str, *mailboxes: str) -> None:
-        urls = " ".join(self.backend.referral_url(self.user, m) for m in mailboxes)
+        urls = " ".join(self.backend.referral_url(self.user, m, replicas=len(mailboxes) == 1)
+                        for m in mailboxes)
         self.answer(tag, f"NO [REFERRAL {urls}] Remote mailbox")
 
     # -- not logged in ---------------------------------------------------------------------

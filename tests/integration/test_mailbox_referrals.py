@@ -15,6 +15,7 @@ import time
 import pytest
 from imapclient import IMAPClient
 
+import servers
 from referral_fixtures import *  # noqa: F401,F403 - fixtures
 from referral_fixtures import REF_PASSWORD, REF_USER, REF_USERS
 
@@ -250,3 +251,22 @@ def test_referral_capable_client_may_see_referrals_when_configured(
         raw.close()
     assert b"MAILBOX-REFERRALS" in data.split(b"\r\n")[0] + data.split(b"\r\n")[1]
     assert b"c NO [REFERRAL imap://" in data      # a capable client follows it itself
+
+
+def test_replicas_in_one_referral_are_tried_in_order(make_gateway, make_referral_backend,
+                                                    ref_remote):
+    dead_port = servers.free_port()            # an allowed back-end that is down
+    backend = make_referral_backend(dead_replicas=[("127.0.0.1", dead_port)])
+    gateway = make_gateway(
+        backends={"HOME": (backend.host, backend.port, backend.port),
+                  "DOWN": ("127.0.0.1", dead_port, dead_port),
+                  "PUBLIC": (ref_remote.host, ref_remote.imap_port, ref_remote.pop3_port)},
+        routes={REF_USER: "HOME"})
+    client = login(gateway)
+    try:
+        typ, data = client.select("public/news")
+        assert typ == "OK", data
+        assert "public news" in subjects(client)
+    finally:
+        client.logout()
+    assert "referred server DOWN unavailable" in gateway.log_text()
