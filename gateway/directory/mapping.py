@@ -25,6 +25,7 @@ from ..config import DirectoryConfig
 from .records import normalize_login
 
 SMTP_PREFIX = "smtp:"
+SPECIAL_ATTRIBUTES = ("proxyaddresses", "samaccountname")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +76,19 @@ class AttributeMap:
         """Every login name of an entry, normalized, in attribute order, without repeats.
         Values that are not login names (bad characters, too long) are left out."""
         found: dict[str, None] = {}
+        domain = self.default_domain
         for attribute in self.login_attributes:
+            special = attribute in SPECIAL_ATTRIBUTES
             for value in attributes.get(attribute) or ():
                 try:
-                    value = text(value)
-                except UnicodeDecodeError:
-                    continue
-                for name in self.names_of_value(attribute, value):
-                    try:
-                        found[normalize_login(name, self.default_domain)] = None
-                    except ValueError:
+                    value = value.decode() if isinstance(value, bytes) else str(value)
+                    if not special:     # the common case, without a generator
+                        found[normalize_login(value, domain)] = None
                         continue
+                    for name in self.names_of_value(attribute, value):
+                        found[normalize_login(name, domain)] = None
+                except ValueError:      # UnicodeDecodeError, or not a login name
+                    continue
         return tuple(found)
 
     def names_of_value(self, attribute: str, value: str) -> Iterable[str]:

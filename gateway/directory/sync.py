@@ -84,10 +84,9 @@ def full_sync(redis_client: redis.Redis, entries: Iterable[ExportEntry], *, sour
     when another sync runs, SyncError when the export has no usable entry but the live
     directory has some.  ``progress``: a terminal gets a progress line (≤ 10 updates/s).
 
-    ``index_mailboxes``: also write mailbox id → login names (entries of one mailbox must come
-    together, as LDAP entries do), which an incremental sync needs.  ``mark()``, called once
-    the entries are written, returns the LDAP high-water mark stored with the switch (without
-    it any stored mark is dropped: it described another generation).
+    ``index_mailboxes``: also write mailbox id → login names (a mailbox's entries come
+    together, as LDAP's do) for incremental syncs.  ``mark()``, called once the entries are
+    written, gives the LDAP high-water mark stored with the switch (else it is dropped).
     """
     started = time.monotonic()
     bar = Progress(progress, label, started)
