@@ -115,7 +115,7 @@ def _records(path: str, wanted: set[str], stop_at: int | None = None
             except ValueError as exc:   # binascii.Error, UnicodeError: ValueError too
                 start = reader.starts.popleft() if reader.starts else reader.number
                 reason = LIBRARY_MESSAGES.get(str(exc), str(exc))
-                raise ExportError(path, _fault_line(path, start),
+                raise ExportError(path, _fault_line(path, start, reader.wanted_line),
                                   f"bad LDIF: {reason}") from None
             except OSError as exc:
                 raise ExportError(path, reader.number, f"cannot read: {exc.strerror}") from None
@@ -144,9 +144,10 @@ def _attributes(path: str, line: int, entry: dict, wanted: set[str]) -> dict:
     return attributes
 
 
-def _fault_line(path: str, start: int) -> int:
+def _fault_line(path: str, start: int, wanted_line) -> int:
     """The physical line at fault in the record starting on ``start``: the record is parsed
-    again with one more logical line (a line and its folded continuations) each time."""
+    again with one more logical line (a line and its folded continuations) each time,
+    leaving out the attributes the reader left out."""
     logical: list[tuple[int, bytes]] = []
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, 1):
@@ -158,6 +159,8 @@ def _fault_line(path: str, start: int) -> int:
                 logical[-1] = (logical[-1][0], logical[-1][1] + line)
             else:
                 logical.append((number, line))
+    logical = [(number, text) for index, (number, text) in enumerate(logical)
+               if index == 0 or text[:1] == b"#" or wanted_line(text) or b":" not in text]
     for count in range(1, len(logical) + 1):
         chunk = b"".join(text for _, text in logical[:count])
         try:

@@ -429,6 +429,9 @@ uid: alice
 mail: alice@example.com
 mail: Alice.Smith@Exam
  ple.com
+description: an attribute the mapping does not use, folded over
+  two lines
+jpegPhoto:: not base64 at all, and never decoded
 mailHost: A
 entryUUID: 11111111-1111-1111-1111-111111111111
 
@@ -502,6 +505,8 @@ GOOD_ENTRY = "dn: uid=erin,dc=example,dc=com\nuid: erin\nmail: erin@exam\n ple.c
 @pytest.mark.parametrize("text, line, reason", [
     (GOOD_ENTRY + "dn: uid=x,dc=example,dc=com\nuid: x\nmail: x@exa\n mple.com\n"
      "mail:: eEBleGFtcGxlLm\nmailHost: A\n", 11, "bad LDIF: Incorrect padding"),
+    (GOOD_ENTRY + "dn: uid=x,dc=example,dc=com\njpegPhoto:: YWxpY2\nuid: x\n"
+     "mail:: eEBleGFtcGxlLm\nmailHost: A\n", 10, "bad LDIF: Incorrect padding"),
     (GOOD_ENTRY + "dn: uid=x,dc=example,dc=com\nuid x\nmailHost: A\n", 8,
      "bad LDIF: a line without ':' (expected 'attribute: value')"),
     (GOOD_ENTRY + "# comment\nuid: x\nmailHost: A\n", 8,
