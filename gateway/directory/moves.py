@@ -69,9 +69,10 @@ class MoveListener:
     def run(self) -> None:
         backoff = MIN_BACKOFF
         while not self.stopped:
-            client = redis.Redis.from_url(
+            options = {} if self.url.startswith("unix:") else {"socket_keepalive": True}
+            client = redis.Redis.from_url(   # (a unix socket, the embedded Redis, has no keepalive)
                 self.url, socket_connect_timeout=self.connect_timeout, socket_timeout=None,
-                socket_keepalive=True, health_check_interval=HEALTH_CHECK_INTERVAL)
+                health_check_interval=HEALTH_CHECK_INTERVAL, **options)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(records.MOVES_CHANNEL, records.KICK_CHANNEL)

@@ -202,7 +202,12 @@ def test_embedded_redis_serves_lookups_and_stops_with_the_master(make_gateway):
     gateway = make_gateway(redis_url="", routes={"alice@example.com": "A"})
     client = imaplib.IMAP4("127.0.0.1", gateway.imap_port, timeout=10)
     client.login("alice@example.com", "alice-secret")
-    client.logout()
+    kick = subprocess.run([sys.executable, "-m", "gateway", "kick", "alice@example.com",
+                           "--config", str(gateway.config_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert kick.returncode == 0, kick.stderr
+    assert client.sock.recv(4096).startswith(b"* BYE")   # the move/kick channel works too
+    assert "Traceback" not in gateway.log_text()
     children = [int(p) for p in os.listdir("/proc") if p.isdigit()
                 and servers._proc_stat(int(p)) and servers._proc_stat(int(p))[1] == gateway.pid]
     redis_pids = [p for p in children if "redis-server" in servers._cmdline(p)]
