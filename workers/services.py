@@ -21,6 +21,20 @@ import time
 log = logging.getLogger("mailgate.services")
 
 
+def stop_process(process: subprocess.Popen | None, timeout: float) -> None:
+    """TERM, wait, then KILL: a supervised child never outlives the master."""
+    if process is None:
+        return
+    try:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 class ServiceError(Exception):
     """A service cannot start; str() is one line for the operator."""
 
@@ -85,17 +99,8 @@ class EmbeddedRedis:
         return True
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self.process is None:
-            return
         process, self.process = self.process, None
-        try:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        except ProcessLookupError:
-            pass
+        stop_process(process, timeout)
 
 
 class SyncJob:
@@ -167,14 +172,5 @@ class SyncJob:
         return True
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self.process is None:
-            return
         process, self.process = self.process, None
-        try:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        stop_process(process, timeout)

@@ -12,47 +12,14 @@ import pytest
 from imapclient import IMAPClient
 
 import servers
+from clients import ImapRaw, unique_message
 from conftest import USERS_A, USERS_B
 
 AUTH_FAILED = b"[AUTHENTICATIONFAILED] Authentication failed."
 
 
-class Raw:
-    """A byte-level IMAP client for what imaplib will not send (literals, SASL-IR, pipelining)."""
+Raw = ImapRaw
 
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buffer = b""
-        self.greeting = self.line()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(self.buffer)
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def until_tagged(self, tag: bytes) -> list[bytes]:
-        lines = []
-        while True:
-            line = self.line()
-            lines.append(line)
-            if line.startswith(tag + b" "):
-                return lines
-
-    def closed(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except OSError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def login_gateway(gateway, user: str, password: str | None = None) -> imaplib.IMAP4:
@@ -60,12 +27,6 @@ def login_gateway(gateway, user: str, password: str | None = None) -> imaplib.IM
     client = imaplib.IMAP4("127.0.0.1", gateway.imap_port, timeout=10)
     client.login(user, password)
     return client
-
-
-def unique_message(marker: str, size: int = 0) -> bytes:
-    body = (b"x" * 76 + b"\r\n") * (size // 78) if size else b"hello\r\n"
-    return (f"From: test@example.com\r\nTo: someone@example.com\r\nSubject: {marker}\r\n"
-            f"Message-ID: <{marker}@test>\r\n\r\n").encode() + body
 
 
 def search_subject(client: imaplib.IMAP4, marker: str) -> list[bytes]:

@@ -4,51 +4,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import poplib
-import socket
 import subprocess
 import time
 
 import pytest
 
 import servers
+from clients import Pop3Raw, unique_message
 from conftest import USERS_A, USERS_B
 
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed."
 PASSWORDS = {**USERS_A, **USERS_B}
 
 
-class Raw:
-    """A byte-level POP3 client for what poplib will not send (pipelining, AUTH, junk)."""
+Raw = Pop3Raw
 
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buffer = b""
-        self.greeting = self.line()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(self.buffer)
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def multiline(self) -> list[bytes]:
-        """A status line and, after +OK, the lines up to the terminating "."."""
-        lines = [self.line()]
-        while lines[0].startswith(b"+OK") and lines[-1] != b".":
-            lines.append(self.line())
-        return lines
-
-    def closed(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except OSError:
-            return True
 
 
 def plain(authcid: str, password: str, authzid: str = "") -> bytes:
@@ -60,12 +30,6 @@ def pop_gateway(gateway, user: str, password: str | None = None) -> poplib.POP3:
     client.user(user)
     client.pass_(PASSWORDS[user] if password is None else password)
     return client
-
-
-def unique_message(marker: str, size: int = 0) -> bytes:
-    body = (b"x" * 76 + b"\r\n") * (size // 78) if size else b"hello\r\n"
-    return (f"From: test@example.com\r\nTo: someone@example.com\r\nSubject: {marker}\r\n"
-            f"Message-ID: <{marker}@test>\r\n\r\n").encode() + body
 
 
 def find_marker(client: poplib.POP3, marker: str) -> list[int]:
