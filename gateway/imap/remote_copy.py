@@ -54,8 +54,13 @@ def cross_server_copy(relay, head, remote, mailbox: str) -> None:
         return
     if move and copied:
         uid_set = ",".join(copied)
-        relay.quiet_home(f"UID STORE {uid_set} +FLAGS.SILENT (\\Deleted)")
-        relay.quiet_home(f"UID EXPUNGE {uid_set}")   # EXPUNGE responses reach the client
+        stored = relay.quiet_home(f"UID STORE {uid_set} +FLAGS.SILENT (\\Deleted)")
+        # RFC 4315 UID EXPUNGE removes only these messages (EXPUNGE responses reach the client).
+        expunged = relay.quiet_home(f"UID EXPUNGE {uid_set}") if stored.kind == "OK" else stored
+        if expunged.kind != "OK":
+            relay.reply(head.tag, "NO [CANNOT] Messages were copied but could not be removed "
+                                  "from this mailbox.")
+            return
     relay.reply(head.tag, f"OK {'MOVE' if move else 'COPY'} completed.")
 
 
