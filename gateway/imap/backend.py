@@ -6,6 +6,7 @@ proxy does), so nothing a client typed can end one command and start another.
 """
 from __future__ import annotations
 
+import re
 import socket
 from collections import deque
 
@@ -44,12 +45,19 @@ def filter_capabilities(capabilities: list[str], keep: tuple[str, ...] = ()) -> 
             if c.upper() in keep or not c.upper().startswith(POSTAUTH_DROP)]
 
 
-def quoted(value: str) -> bytes | None:
-    """An IMAP quoted string for printable ASCII without CR/LF, else None (use a literal)."""
-    raw = value.encode("utf-8")
-    if len(raw) > 1000 or any(b < 0x20 or b > 0x7e for b in raw):
+_UNQUOTABLE = re.compile(rb"[^\x20-\x7e]")
+
+
+def quote_bytes(raw: bytes) -> bytes | None:
+    """An IMAP quoted string (RFC 3501 §4.3) for printable ASCII, else None: CR, LF, NUL and
+    8-bit bytes must travel as a literal."""
+    if len(raw) > 1000 or _UNQUOTABLE.search(raw):
         return None
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def quoted(value: str) -> bytes | None:
+    return quote_bytes(value.encode("utf-8"))
 
 
 class ImapBackend:
@@ -88,8 +96,12 @@ class ImapBackend:
                 raise self._fail(Failure.PROTOCOL, f"unparsable answer: {exc}") from None
         return self.events.popleft()
 
-    def read_response(self) -> Response:
-        """One whole response (its literals collected; they are small during login)."""
+    def read_response(self, wanted: tuple[bytes, ...] | None = None) -> Response | None:
+        """One whole response (its literals collected; they are small during login).
+
+        With ``wanted`` (upper-case line prefixes) any other response is read past and None
+        returned, without the cost of tokenising it (an ID answer, say).
+        """
         parts: list[bytes] = []
         while True:
             event = self._next_event()
@@ -105,6 +117,8 @@ class ImapBackend:
                     if chunk.last:
                         break
                 parts.append(bytes(payload))
+        if wanted is not None and not parts[0][:16].upper().startswith(wanted):
+            return None
         try:
             return parser.parse_response(parts)
         except parser.ParseError as exc:
@@ -171,8 +185,11 @@ class ImapBackend:
 
     def await_tagged(self, tag: str) -> Response:
         """Read until the tagged answer; untagged CAPABILITY data updates capabilities."""
+        wanted = (tag.upper().encode() + b" ", b"* CAPABILITY ", b"* BYE")
         while True:
-            response = self.read_response()
+            response = self.read_response(wanted)
+            if response is None:
+                continue
             if response.tag == tag:
                 if response.code and response.code.name == "CAPABILITY":
                     self.set_capabilities(response.code.text)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from gateway.imap import parser
-from gateway.imap.backend import ImapBackend
+from gateway.imap.backend import ImapBackend, quote_bytes
 from gateway.imap.parser import Atom
 from gateway.session import LoginError
 
@@ -47,7 +47,7 @@ def encode_tokens(tokens) -> list[bytes]:
             parts[-1] += token.encode("utf-8")
         else:
             raw = token.encode("utf-8") if isinstance(token, str) else token
-            quoted = _quoted(raw)
+            quoted = quote_bytes(raw)
             if quoted is not None:
                 parts[-1] += quoted
             else:
@@ -59,10 +59,6 @@ def encode_tokens(tokens) -> list[bytes]:
     return parts
 
 
-def _quoted(raw: bytes) -> bytes | None:
-    if len(raw) > 1000 or any(b < 0x20 or b > 0x7e for b in raw):
-        return None
-    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 class Link:
