@@ -100,6 +100,7 @@ class _Direction:
         except OSError as exc:
             self.relay.finish(self.peer, f"write error: {exc.strerror or exc}")
             return
+        self.relay.session.last_activity = time.monotonic()   # a slow reader is not idle
         self.pending = self.pending[sent:]
         if not len(self.pending):
             self.pending = None
