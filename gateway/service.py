@@ -106,7 +106,7 @@ class Service:
                 login = normalize_login(session.login_name, domain)
             except ValueError:
                 continue
-            if targets.matches(login, getattr(session, "mailbox_id", "")):
+            if targets.matches(login, session.mailbox_id):
                 log.info("session=%s login=%s: %s", session.id, login, text)
                 session.goodbye(text)
                 closed += 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from gateway.config import BackendConfig
 from gateway.directory.cache import DirectoryUnavailable
-from gateway.directory.records import MailboxRecord
+from gateway.directory.records import MailboxRecord, normalize_login
 
 log = logging.getLogger("mailgate.session")
 
@@ -70,7 +70,8 @@ class Target:
 def route(service, login_name: str) -> Route:
     """Look the login up (one Redis round trip) and resolve its back-end; raises LoginError."""
     try:
-        record = service.directory.lookup(login_name)
+        normalized = normalize_login(login_name, service.config.directory.default_domain)
+        record = service.directory.lookup_normalized(normalized)
     except DirectoryUnavailable as exc:
         raise LoginError(Failure.UNAVAILABLE, f"directory unavailable: {exc}") from None
     except ValueError as exc:
@@ -82,8 +83,6 @@ def route(service, login_name: str) -> Route:
     backend = service.config.backend(record.backend)
     if backend is None:
         raise LoginError(Failure.UNAVAILABLE, f"directory names unknown back-end {record.backend!r}")
-    from gateway.directory.records import normalize_login
-    normalized = normalize_login(login_name, service.config.directory.default_domain)
     return Route(normalized, backend, record.backend_login or normalized, record)
 
 

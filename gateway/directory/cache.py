@@ -88,6 +88,10 @@ class Directory:
             normalized = records.normalize_login(login_name, self.config.default_domain)
         except ValueError:
             return None
+        return self.lookup_normalized(normalized)
+
+    def lookup_normalized(self, normalized: str) -> MailboxRecord | None:
+        """``lookup`` for a name ``normalize_login`` already returned (the login path)."""
         try:
             answer = self._lookup_script(
                 keys=[records.CURRENT_KEY],

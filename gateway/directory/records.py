@@ -166,7 +166,7 @@ def kick_message(login_name: str, mailbox_id: str = "") -> bytes:
 
 def parse_move_message(data: bytes) -> Move:
     """The Move of a MOVES_CHANNEL payload; ValueError on anything else."""
-    fields = _unpack_message(data)
+    fields = _unpack_map(data, "message")
     move = Move(fields.get("login"), fields.get("from"), fields.get("to"), fields.get("id", ""))
     if not all(isinstance(value, str) for value in move):
         raise ValueError("move message field is missing or not a string")
@@ -176,20 +176,21 @@ def parse_move_message(data: bytes) -> Move:
 def parse_close_message(data: bytes) -> tuple[str, str]:
     """(login name, mailbox id or "") of a MOVES_CHANNEL or KICK_CHANNEL payload: the
     sessions to close.  ValueError on anything else."""
-    fields = _unpack_message(data)
+    fields = _unpack_map(data, "message")
     login, mailbox_id = fields.get("login"), fields.get("id", "")
     if not isinstance(login, str) or not isinstance(mailbox_id, str) or not login:
         raise ValueError("message has no login name")
     return login, mailbox_id
 
 
-def _unpack_message(data: bytes) -> dict:
+def _unpack_map(data: bytes, what: str) -> dict:
+    """A msgpack map, or ValueError naming ``what`` could not be read."""
     try:
         fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises ValueError, TypeError, StackError, ...
-        raise ValueError(f"undecodable message: {exc.__class__.__name__}") from None
+        raise ValueError(f"undecodable {what}: {exc.__class__.__name__}") from None
     if not isinstance(fields, dict):
-        raise ValueError("message is not a map")
+        raise ValueError(f"{what} is not a map")
     return fields
 
 
@@ -235,12 +236,7 @@ class MailboxRecord:
     def unpack(cls, data: bytes, generation: int | None = None) -> "MailboxRecord":
         """Decode ``pack()`` output; ValueError on anything else.  Unknown keys are ignored
         so that a newer sync job can add fields without breaking older workers."""
-        try:
-            fields = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises ValueError, TypeError, StackError, ...
-            raise ValueError(f"undecodable mailbox record: {exc.__class__.__name__}") from None
-        if not isinstance(fields, dict):
-            raise ValueError("mailbox record is not a map")
+        fields = _unpack_map(data, "mailbox record")
         backend = fields.get("b")
         if not isinstance(backend, str) or not backend:
             raise ValueError("mailbox record has no back-end")

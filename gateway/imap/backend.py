@@ -6,6 +6,7 @@ proxy does), so nothing a client typed can end one command and start another.
 """
 from __future__ import annotations
 
+import functools
 import re
 import socket
 from collections import deque
@@ -39,10 +40,18 @@ POSTAUTH_DROP = ("COMPRESS=", "LOGIN-REFERRALS", "MAILBOX-REFERRALS", "STARTTLS"
                  "LOGINDISABLED", "AUTH=", "SASL-IR")
 
 
-def filter_capabilities(capabilities: list[str], keep: tuple[str, ...] = ()) -> list[str]:
-    """The back-end's capabilities less those the gateway cannot carry (``keep`` exempts)."""
-    return [c for c in capabilities
-            if c.upper() in keep or not c.upper().startswith(POSTAUTH_DROP)]
+@functools.lru_cache(maxsize=64)
+def filter_capabilities(words: tuple[str, ...], keep: tuple[str, ...] = ()) -> bytes:
+    """The back-end's capability words less those the gateway cannot carry (``keep``
+    exempts), as the text of a CAPABILITY code.  Back-ends answer every login with the same
+    list, so this is worked out once per list, not once per login."""
+    return " ".join(c for c in words
+                    if c.upper() in keep or not c.upper().startswith(POSTAUTH_DROP)).encode()
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_capabilities(text: str) -> tuple[tuple[str, ...], frozenset[str]]:
+    return tuple(text.split()), frozenset(parser.capabilities(text))
 
 
 _UNQUOTABLE = re.compile(rb"[^\x20-\x7e]")
@@ -69,8 +78,8 @@ class ImapBackend:
         self.timeout = timeout
         self.framer = Framer(max_line=MAX_RESPONSE_LINE, max_literal=MAX_RESPONSE_LITERAL)
         self.events: deque = deque()
-        self.capabilities: list[str] = []      # upper-cased, for tests of what is offered
-        self.capability_words: list[str] = []  # as the back-end spelled them, for the client
+        self.capabilities: frozenset[str] = frozenset()   # upper-cased, to test what is offered
+        self.capability_words: tuple[str, ...] = ()       # as spelled, for the client
         self.tag_counter = 0
         self.prefix = b""      # a pipelined command waiting to leave with the next write
         sock.settimeout(timeout)
@@ -200,8 +209,7 @@ class ImapBackend:
                 raise self._fail(Failure.UNAVAILABLE, f"said BYE: {response.text}")
 
     def set_capabilities(self, text: str) -> None:
-        self.capability_words = text.split()
-        self.capabilities = parser.capabilities(text)
+        self.capability_words, self.capabilities = _parse_capabilities(text)
 
     # -- the login sequence -----------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from gateway.session import ClientGone, Failure
 
 log = logging.getLogger("mailgate.imap")
 
-PREAUTH_CAPABILITIES = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "AUTH=PLAIN"]
+PREAUTH_CAPABILITIES = b"IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN"
 MAX_BAD_COMMANDS = 10      # then the connection is closed, as Dovecot does
 MAX_ARGS = 64
 
@@ -44,13 +44,12 @@ class ImapSession(session_mod.Session):
         self.client_id: list[tuple[str, str]] = []
         self.bad_commands = 0
         self.login_tag = ""
-        self.logout_seen = False
 
     # -- the session's life -------------------------------------------------------------------
 
     def greeting(self) -> bytes:
         banner = self.settings.banner or "mailgate ready."
-        return b"* OK [CAPABILITY " + self.capability_line() + b"] " + banner.encode() + b"\r\n"
+        return b"* OK [CAPABILITY " + PREAUTH_CAPABILITIES + b"] " + banner.encode() + b"\r\n"
 
     def next_command(self) -> None:
         self.dispatch(self.read_command())
@@ -59,9 +58,6 @@ class ImapSession(session_mod.Session):
         return b"* BYE [UNAVAILABLE] " + text.encode() + b"\r\n"
 
     internal_error_line = b"* BYE [SERVERBUG] Internal error, closing connection.\r\n"
-
-    def capability_line(self) -> bytes:
-        return " ".join(PREAUTH_CAPABILITIES).encode()
 
     # -- reading commands before login -------------------------------------------------------
 
@@ -139,7 +135,7 @@ class ImapSession(session_mod.Session):
             raise ClientGone("too many invalid commands")
 
     def cmd_CAPABILITY(self, command) -> None:
-        self.send(b"* CAPABILITY " + self.capability_line() + b"\r\n")
+        self.send(b"* CAPABILITY " + PREAUTH_CAPABILITIES + b"\r\n")
         self.reply(command.tag, "OK Pre-login capabilities listed, post-login capabilities have more.")
 
     def cmd_NOOP(self, command) -> None:
@@ -195,7 +191,7 @@ class ImapSession(session_mod.Session):
             if response is None:
                 self.bad(command.tag, "Authentication cancelled.")
                 return
-        credentials = None if response == b"=" else sasl.decode_plain(response)
+        credentials = sasl.decode_plain(response)   # RFC 4959's "=" (empty) is malformed too
         if credentials is None:
             self.bad(command.tag, "Invalid SASL PLAIN response.")
             return
@@ -250,7 +246,7 @@ class ImapSession(session_mod.Session):
         keep = ("MAILBOX-REFERRALS",) if self.service.config.referrals.pass_to_capable_clients else ()
         capabilities = filter_capabilities(backend.capability_words, keep)
         text = answer.text or "Logged in"
-        self.send(self.login_tag.encode() + b" OK [CAPABILITY " + " ".join(capabilities).encode() +
+        self.send(self.login_tag.encode() + b" OK [CAPABILITY " + capabilities +
                   b"] " + text.encode("utf-8", "replace") + b"\r\n")
         self.backend_pending = backend.leftover()
 

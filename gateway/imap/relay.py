@@ -1,33 +1,30 @@
 """Command-aware watching of the client → back-end stream after login.
 
-The relay forwards bytes untouched; this tracker sees the same bytes and keeps just enough
-state to know where each command starts (its tag and name) and where literals begin and end,
-without copying literal payloads.  The referral issue builds interception on this.
+The byte relay forwards bytes untouched; this tracker sees the same bytes and keeps just
+enough state to know where each command starts and where literals begin and end, without
+copying literal payloads, so that LOGOUT is recognised (the back-end closing after it is no
+failure).  Sessions that need real interception (RFC 2193 referrals) use the routing relay.
 """
 from __future__ import annotations
 
 import re
 
-HEAD_KEEP = 128       # bytes of a line's start kept to read tag and command name
+HEAD_KEEP = 128       # bytes of a line's start kept to read the command name
 TAIL_KEEP = 32        # bytes of a line's end kept to find a literal marker
 _LITERAL_AT_END = re.compile(rb"~?\{(\d{1,10})(\+|-)?\}\r?\n\Z")
 
 
 class CommandTracker:
-    """Follows the client's commands: ``commands`` counts them, ``logout`` is set by LOGOUT."""
+    """Follows the client's commands; ``logout`` is set once the client sends LOGOUT."""
 
-    __slots__ = ("literal_left", "head", "tail", "continuing", "commands", "logout",
-                 "last_tag", "last_name")
+    __slots__ = ("literal_left", "head", "tail", "continuing", "logout")
 
     def __init__(self):
         self.literal_left = 0      # literal payload bytes still to pass
         self.head = b""            # start of the current line (bounded)
         self.tail = b""            # end of the current line seen so far (bounded)
         self.continuing = False    # the current line continues a command after a literal
-        self.commands = 0
         self.logout = False
-        self.last_tag = ""
-        self.last_name = ""
 
     def observe(self, data, size: int) -> None:
         """Feed the next ``size`` bytes the client sent, from the start of ``data`` (a bytes
@@ -65,9 +62,5 @@ class CommandTracker:
 
     def _command_start(self, head: bytes) -> None:
         words = head.split(None, 2)
-        if len(words) >= 2:
-            self.commands += 1
-            self.last_tag = words[0].decode("ascii", "replace")
-            self.last_name = words[1].decode("ascii", "replace").upper()
-            if self.last_name == "LOGOUT":
-                self.logout = True
+        if len(words) >= 2 and words[1].upper() == b"LOGOUT":
+            self.logout = True

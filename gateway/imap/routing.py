@@ -236,11 +236,11 @@ class RoutingRelay:
             self.to_client(event.data)
 
     def relay_answer(self, link: Link, tag: str, intercept: bool = False,
-                     client_tag: str | None = None) -> Response:
+                     forward_tagged: bool = True) -> Response:
         """Forward the link's responses to the client until ``tag``'s tagged answer.
 
-        With ``intercept`` a tagged answer carrying a referral is returned unforwarded.
-        ``client_tag`` replaces a gateway tag on the forwarded tagged line.
+        With ``intercept`` a tagged answer carrying a referral is returned unforwarded;
+        ``forward_tagged=False`` keeps every tagged answer (a gateway command's) from the client.
         """
         prefix = tag.encode() + b" "
         continuation = False
@@ -252,12 +252,10 @@ class RoutingRelay:
             line = event.data
             if not continuation and line.startswith(prefix):
                 answer = self.parse(line)
-                if intercept and self.is_referral(answer):
+                if not forward_tagged or (intercept and self.is_referral(answer)):
                     return answer
                 if self.is_referral(answer):   # never shown to a referral-unaware client
                     line = prefix + b"NO [UNAVAILABLE] Mailbox is on another server.\r\n"
-                if client_tag is not None:
-                    line = client_tag.encode() + line[len(tag):]
                 self.to_client(line)
                 self.flush()
                 return answer
@@ -437,10 +435,7 @@ class RoutingRelay:
         tag = self.next_tag()
         try:
             link.send(f"{tag} {command}\r\n".encode())
-            while True:
-                event = link.next_event()
-                if isinstance(event, Line) and event.data.startswith(tag.encode() + b" "):
-                    return
+            self.quiet_answer(link, tag)
         except LinkDown:
             self.drop(link)
 
@@ -468,12 +463,7 @@ class RoutingRelay:
         (EXPUNGE after a cross-server MOVE changes the client's message numbers)."""
         tag = self.next_tag()
         self.home.send(f"{tag} {command}\r\n".encode())
-        prefix = tag.encode() + b" "
-        while True:
-            event = self.home.next_event()
-            if isinstance(event, Line) and event.data.startswith(prefix):
-                return self.parse(event.data)
-            self.to_client(event.data)
+        return self.relay_answer(self.home, tag, forward_tagged=False)
 
     def cmd_close(self, head: Head) -> None:
         link = self.selected_link()
