@@ -3,6 +3,7 @@ pipelining, junk.  They read CRLF lines with a timeout, so no test can hang on t
 from __future__ import annotations
 
 import socket
+import time
 
 
 def unique_message(marker: str, size: int = 0) -> bytes:
@@ -60,3 +61,29 @@ class Pop3Raw(LineClient):
         while lines[0].startswith(b"+OK") and lines[-1] != b".":
             lines.append(self.line())
         return lines
+
+
+def converse(port: int, commands: bytes, last_tag: bytes, timeout: float = 15) -> bytes:
+    """Send pipelined ``commands`` after the greeting; everything answered up to
+    ``last_tag``'s OK (or until the server closes or ``timeout`` passes), greeting excluded."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        raw.recv(4096)
+        raw.sendall(commands)
+        data, deadline = b"", time.monotonic() + timeout
+        while b"\r\n" + last_tag + b" OK" not in data and time.monotonic() < deadline:
+            chunk = raw.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+    finally:
+        raw.close()
+
+
+def wait_for_exists(client, timeout: float = 15) -> list:
+    """IMAPClient in IDLE: the EXISTS responses seen before ``timeout`` (empty if none)."""
+    seen, deadline = [], time.monotonic() + timeout
+    while not seen and time.monotonic() < deadline:
+        seen = [r for r in client.idle_check(timeout=1) if b"EXISTS" in r]
+    return seen

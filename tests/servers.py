@@ -179,6 +179,18 @@ class _Process:
     def __exit__(self, *exc):
         self.stop()
 
+    def _await_ports(self, ports, what: str, details, timeout: float = 10.0) -> None:
+        """Wait until every port accepts a connection; otherwise stop the process and raise
+        a RuntimeError naming ``what`` with ``details()`` (its log)."""
+        deadline = time.monotonic() + timeout
+        try:
+            for port in ports:
+                wait_for_port(self.host, port, max(0.1, deadline - time.monotonic()),
+                              self.process)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop(timeout=5)
+            raise RuntimeError(f"{what} did not start: {exc}\n{details()}") from exc
+
     def start(self):  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -423,13 +435,8 @@ service anvil {{
             self._make_dir(self.maildir(login))
         self.config_path.write_text(self._config())
         self._spawn([binary, "-F", "-c", str(self.config_path)], self.root / "dovecot.stderr")
-        try:
-            wait_for_port(self.host, self.imap_port, 10, self.process)
-            wait_for_port(self.host, self.pop3_port, 10, self.process)
-        except Exception as exc:
-            self.stop()
-            raise RuntimeError(f"dovecot {self.name} did not start: {exc}\n"
-                               f"{self.log_text()}") from exc
+        self._await_ports((self.imap_port, self.pop3_port), f"dovecot {self.name}",
+                          self.log_text)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
@@ -611,15 +618,8 @@ class GatewayProcess(_Process):
         self.write_config()
         self._spawn([sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
                     self.log_path, cwd=REPO_ROOT, env=self._env())
-        deadline = time.monotonic() + timeout
-        try:
-            for port in self.ports.values():
-                wait_for_port(self.host, port, max(0.1, deadline - time.monotonic()),
-                              self.process)
-        except (RuntimeError, TimeoutError) as exc:
-            self.stop(timeout=5)
-            raise RuntimeError(f"gateway did not start: {exc}\n--- {self.log_path} ---\n"
-                               f"{_tail(self.log_path)}") from exc
+        self._await_ports(self.ports.values(), "gateway",
+                          lambda: f"--- {self.log_path} ---\n{_tail(self.log_path)}", timeout)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
@@ -810,13 +810,8 @@ access to * by users read by * none
         urls = f"ldap://{self.host}:{self.port}/ ldaps://{self.host}:{self.ldaps_port}/"
         # -d keeps slapd in the foreground (no fork), logging nothing but errors.
         self._spawn([binary, "-d", "0", "-h", urls, "-f", str(conf)], self.tmpdir / "slapd.log")
-        try:
-            wait_for_port(self.host, self.port, 10, self.process)
-            wait_for_port(self.host, self.ldaps_port, 10, self.process)
-        except Exception as exc:
-            self.stop()
-            raise RuntimeError(f"slapd did not start: {exc}\n"
-                               f"{_tail(self.tmpdir / 'slapd.log')}") from exc
+        self._await_ports((self.port, self.ldaps_port), "slapd",
+                          lambda: _tail(self.tmpdir / "slapd.log"))
         return self
 
     def admin(self):

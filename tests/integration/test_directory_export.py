@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import socket
-import threading
 import time
 
 import msgpack
@@ -17,6 +16,7 @@ from gateway.directory.cli import cmd_lookup, cmd_sync_export
 from gateway.directory.export import ExportEntry, ExportError, iter_csv
 from gateway.directory.records import MailboxRecord
 from gateway.directory.sync import SyncBusy, full_sync
+from helpers import hammer_lookups
 
 pytestmark = pytest.mark.integration
 
@@ -288,31 +288,11 @@ def test_atomic_swap_never_shows_a_missing_mailbox(cfg, client, directory):
             yield ExportEntry(i + 2, f"{tag}{i}@example.com", "A", "", f"{tag}-{i}")
 
     full_sync(client, entries("old"), source="export", config=cfg)
-    stop = threading.Event()
-    seen: list = []
-    failures: list = []
-
-    def hammer():
-        while not stop.is_set():
-            try:
-                record = directory.lookup("stay@example.com")
-            except Exception as exc:  # the test reports it, not the thread
-                failures.append(exc)
-                return
-            if record is None:
-                failures.append("stay@example.com not found")
-                return
-            seen.append(record.backend)
-
-    thread = threading.Thread(target=hammer)
-    thread.start()
-    try:
+    with hammer_lookups(directory, "stay@example.com", "backend") as hammer:
         summary = full_sync(client, entries("new"), source="export", config=cfg)
-        during = len(seen)
+        during = len(hammer.seen)
         time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join()
+    seen, failures = hammer.seen, hammer.failures
     assert failures == []
     assert during > 0 and seen[-1] == "B"
     assert (summary.added, summary.changed, summary.removed) == (50_000, 1, 50_000)

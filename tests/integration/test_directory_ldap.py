@@ -5,13 +5,13 @@ import io
 import socket
 import subprocess
 import sys
-import threading
 
 import ldap3
 import pytest
 import redis
 
 import directory_data as data
+from helpers import hammer_lookups
 from gateway import config as gateway_config
 from gateway.directory import records
 from gateway.directory.cache import Directory, DirectoryUnavailable
@@ -178,28 +178,9 @@ def test_starttls_and_ldaps_verify_the_certificate(slapd, db_url, client):
 def test_atomic_swap_during_an_ldap_full_sync(people):
     assert sync(people)[0] == 0
     directory = Directory.for_config(redis.Redis.from_url(people.redis.url), people)
-    stop = threading.Event()
-    seen, failures = [], []
-
-    def hammer():
-        while not stop.is_set():
-            try:
-                record = directory.lookup("user1234@example.com")
-            except Exception as exc:  # the test reports it, not the thread
-                failures.append(exc)
-                return
-            if record is None:
-                failures.append("user1234 not found")
-                return
-            seen.append(record.generation)
-
-    thread = threading.Thread(target=hammer)
-    thread.start()
-    try:
+    with hammer_lookups(directory, "user1234@example.com", "generation") as hammer:
         status, lines = sync(people)
-    finally:
-        stop.set()
-        thread.join()
+    seen, failures = hammer.seen, hammer.failures
     assert status == 0 and failures == []
     assert counts(lines[-1])["changed"] == 0 and counts(lines[-1])["removed"] == 0
     assert seen[0] == 1 and seen[-1] == 2 and sorted(seen) == seen

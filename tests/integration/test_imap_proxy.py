@@ -12,7 +12,7 @@ import pytest
 from imapclient import IMAPClient
 
 import servers
-from clients import ImapRaw, unique_message
+from clients import ImapRaw, unique_message, wait_for_exists
 from conftest import USERS_A, USERS_B
 
 AUTH_FAILED = b"[AUTHENTICATIONFAILED] Authentication failed."
@@ -270,11 +270,7 @@ def test_idle_sees_a_message_delivered_to_the_backend(gateway, dovecot_b):
     client.idle()
     try:
         dovecot_b.deliver("dave@example.com", unique_message(f"idle-{time.time_ns()}"))
-        seen = []
-        deadline = time.monotonic() + 15
-        while not seen and time.monotonic() < deadline:
-            seen = [r for r in client.idle_check(timeout=1) if b"EXISTS" in r]
-        assert seen
+        assert wait_for_exists(client)
     finally:
         client.idle_done()
         client.logout()

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import imaplib
 import socket
-import threading
 import time
 
 import pytest
 
 import servers
+from helpers import Tripwire
 
 PASSWORD = "ref-secret"
 USERS = ["ref@example.com", "stray@example.com", "loop@example.com", "far@example.com"]
@@ -118,23 +118,9 @@ def test_referral_loop_is_detected(referral_gateway):
 
 def test_referral_to_a_host_not_allowed_is_refused_and_gets_no_credentials(
         referral_gateway, referral_dovecots):
-    forbidden = referral_dovecots[3]
-    forbidden.settimeout(0.5)
-    seen = []
-
-    def watch():
-        try:
-            conn, _ = forbidden.accept()
-            seen.append(conn.recv(4096))
-            conn.close()
-        except OSError:
-            pass
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    client, error = login(referral_gateway, "stray@example.com")
-    watcher.join(5)
+    with Tripwire(referral_dovecots[3]) as tripwire:
+        client, error = login(referral_gateway, "stray@example.com")
     assert client is None
     assert error.startswith(b"[UNAVAILABLE]")
-    assert seen == []
+    assert tripwire.seen == []
     assert "host not allowed" in referral_gateway.log_text()

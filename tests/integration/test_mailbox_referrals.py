@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import imaplib
 import socket
-import threading
 import time
 
 import pytest
 from imapclient import IMAPClient
 
 import servers
+from clients import converse, wait_for_exists
+from helpers import Tripwire
 from referral_fixtures import *  # noqa: F401,F403 - fixtures
 from referral_fixtures import REF_PASSWORD, REF_USER, REF_USERS
 
@@ -102,10 +103,7 @@ def test_idle_on_a_remote_folder(gateway, ref_remote):
     try:
         ref_remote.deliver(REF_USER, f"Subject: idle-{time.time_ns()}\r\n\r\nx\r\n".encode(),
                            folder="public/announcements")
-        seen, deadline = [], time.monotonic() + 15
-        while not seen and time.monotonic() < deadline:
-            seen = [r for r in client.idle_check(timeout=1) if b"EXISTS" in r]
-        assert seen
+        assert wait_for_exists(client)
     finally:
         client.idle_done()
         client.logout()
@@ -176,53 +174,30 @@ def test_referral_to_a_host_not_allowed_is_refused_without_credentials(
     listener = socket.socket()
     listener.bind(("127.0.0.3", 0))
     listener.listen(4)
-    listener.settimeout(0.5)
-    seen = []
-
-    def watch():
-        try:
-            conn, _ = listener.accept()
-            seen.append(conn.recv(4096))
-            conn.close()
-        except OSError:
-            pass
-
     backend = make_referral_backend(referral_host="127.0.0.3",
                                     referral_port=listener.getsockname()[1])
     gateway = gateway_for(make_gateway, backend, ref_remote)
-    watcher = threading.Thread(target=watch)
-    watcher.start()
     try:
-        client = login(gateway)
-        typ, data = client.select("public/news")
-        assert typ == "NO"
-        assert data[0].startswith(b"[UNAVAILABLE]")
-        assert b"REFERRAL" not in data[0] and b"imap://" not in data[0]
-        typ, _ = client.select("INBOX")            # the session goes on
-        assert typ == "OK"
-        client.logout()
+        with Tripwire(listener) as tripwire:
+            client = login(gateway)
+            typ, data = client.select("public/news")
+            assert typ == "NO"
+            assert data[0].startswith(b"[UNAVAILABLE]")
+            assert b"REFERRAL" not in data[0] and b"imap://" not in data[0]
+            typ, _ = client.select("INBOX")            # the session goes on
+            assert typ == "OK"
+            client.logout()
     finally:
-        watcher.join(5)
         listener.close()
-    assert seen == []
+    assert tripwire.seen == []
     assert "host not allowed" in gateway.log_text()
 
 
 def test_referrals_never_reach_the_client(gateway):
-    raw = socket.create_connection(("127.0.0.1", gateway.imap_port), timeout=15)
-    try:
-        raw.recv(4096)
-        raw.sendall(f'a LOGIN {REF_USER} {REF_PASSWORD}\r\nb SELECT "public/news"\r\n'
+    data = converse(gateway.imap_port,
+                    f'a LOGIN {REF_USER} {REF_PASSWORD}\r\nb SELECT "public/news"\r\n'
                     f'c STATUS "public/announcements" (MESSAGES)\r\nd LIST "" "*"\r\n'
-                    f'e SUBSCRIBE "public/news"\r\nf LOGOUT\r\n'.encode())
-        data, deadline = b"", time.monotonic() + 15
-        while b"\r\nf OK" not in data and time.monotonic() < deadline:
-            chunk = raw.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        raw.close()
+                    f'e SUBSCRIBE "public/news"\r\nf LOGOUT\r\n'.encode(), b"f")
     assert b"f OK" in data
     for tag in (b"a", b"b", b"c", b"d", b"e"):
         assert b"\r\n" + tag + b" OK" in data or data.startswith(tag + b" OK"), data
@@ -236,19 +211,9 @@ def test_referral_capable_client_may_see_referrals_when_configured(
         backends={"HOME": (referral_backend.host, referral_backend.port, referral_backend.port),
                   "PUBLIC": (ref_remote.host, ref_remote.imap_port, ref_remote.pop3_port)},
         routes={REF_USER: "HOME"}, sections={"referrals": {"pass_to_capable_clients": True}})
-    raw = socket.create_connection(("127.0.0.1", gateway.imap_port), timeout=15)
-    try:
-        raw.recv(4096)
-        raw.sendall(f'a LOGIN {REF_USER} {REF_PASSWORD}\r\nb RLIST "" "*"\r\n'
-                    f'c SELECT "public/news"\r\nd LOGOUT\r\n'.encode())
-        data, deadline = b"", time.monotonic() + 15
-        while b"\r\nd OK" not in data and time.monotonic() < deadline:
-            chunk = raw.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        raw.close()
+    data = converse(gateway.imap_port,
+                    f'a LOGIN {REF_USER} {REF_PASSWORD}\r\nb RLIST "" "*"\r\n'
+                    f'c SELECT "public/news"\r\nd LOGOUT\r\n'.encode(), b"d")
     assert b"MAILBOX-REFERRALS" in data.split(b"\r\n")[0] + data.split(b"\r\n")[1]
     assert b"c NO [REFERRAL imap://" in data      # a capable client follows it itself
 

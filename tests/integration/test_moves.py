@@ -131,14 +131,21 @@ def message(marker: str) -> bytes:
             f"on the new back-end\r\n").encode()
 
 
-def test_ldap_move_closes_sessions_and_the_next_login_lands_on_the_new_backend(
-        make_gateway, backends, pair, slapd, people_ou):
-    admin, base = people_ou
+def mover_on_a(make_gateway, backends, slapd, admin, base):
+    """A 2-worker gateway synced from LDAP with "mover" on back-end A, both workers
+    subscribed to moves and kicks."""
     set_host(admin, base, "mover", data.HOST_A)
     gateway = make_gateway(backends=backends, workers=2,
                            sections={"directory": ldap_directory(slapd, base)})
     gateway_command(gateway, "sync", "ldap")
     assert wait_until(lambda: subscribed_workers(gateway) == 2)
+    return gateway
+
+
+def test_ldap_move_closes_sessions_and_the_next_login_lands_on_the_new_backend(
+        make_gateway, backends, pair, slapd, people_ou):
+    admin, base = people_ou
+    gateway = mover_on_a(make_gateway, backends, slapd, admin, base)
     by_alias = imap_login(gateway, "m.over@example.com")     # an alias of the mailbox
     by_name = imap_login(gateway, "mover@example.com")
     pop3 = poplib.POP3("127.0.0.1", gateway.pop3_port, timeout=10)
@@ -180,11 +187,7 @@ def test_export_resync_move_closes_sessions(make_gateway, backends, pair):
 
 def test_kick_closes_every_session_of_the_mailbox(make_gateway, backends, slapd, people_ou):
     admin, base = people_ou
-    set_host(admin, base, "mover", data.HOST_A)
-    gateway = make_gateway(backends=backends, workers=2,
-                           sections={"directory": ldap_directory(slapd, base)})
-    gateway_command(gateway, "sync", "ldap")
-    assert wait_until(lambda: subscribed_workers(gateway) == 2)
+    gateway = mover_on_a(make_gateway, backends, slapd, admin, base)
     sessions = [imap_login(gateway, "mover@example.com") for _ in range(3)]
     stayer = imap_login(gateway, "stayer@example.com")
     result = gateway_command(gateway, "kick", "M.Over")      # the alias, default domain

@@ -128,12 +128,18 @@ def test_hup_with_an_invalid_config_keeps_running(make_gateway):
     assert greet(gateway.imap_port).startswith(b"* OK ")
 
 
-def test_term_lets_an_open_session_finish_then_exits_zero(make_gateway):
-    gateway = make_gateway(routes={"alice@example.com": "A"},
-                           server_overrides={"graceful_timeout": 4})
+def open_session(gateway) -> imaplib.IMAP4:
+    """alice logged in through the gateway, INBOX selected."""
     client = imaplib.IMAP4("127.0.0.1", gateway.imap_port, timeout=10)
     client.login("alice@example.com", "alice-secret")
     client.select("INBOX")
+    return client
+
+
+def test_term_lets_an_open_session_finish_then_exits_zero(make_gateway):
+    gateway = make_gateway(routes={"alice@example.com": "A"},
+                           server_overrides={"graceful_timeout": 4})
+    client = open_session(gateway)
     sent = time.monotonic()
     gateway.signal(signal.SIGTERM)
     time.sleep(0.5)
@@ -146,9 +152,7 @@ def test_term_lets_an_open_session_finish_then_exits_zero(make_gateway):
 def test_term_says_bye_to_sessions_that_outstay_the_graceful_timeout(make_gateway):
     gateway = make_gateway(routes={"alice@example.com": "A"},
                            server_overrides={"graceful_timeout": 1})
-    client = imaplib.IMAP4("127.0.0.1", gateway.imap_port, timeout=10)
-    client.login("alice@example.com", "alice-secret")
-    client.select("INBOX")
+    client = open_session(gateway)
     sent = time.monotonic()
     gateway.signal(signal.SIGTERM)
     assert gateway.process.wait(timeout=15) == 0

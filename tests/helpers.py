@@ -1,0 +1,62 @@
+"""Small test helpers that are neither servers nor clients."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+
+class Tripwire:
+    """A listener where credentials must never arrive: ``seen`` holds what any connection
+    sent.  Use as a context manager; the watching thread ends within ``timeout``."""
+
+    def __init__(self, listener: socket.socket, timeout: float = 0.5):
+        self.listener = listener
+        self.listener.settimeout(timeout)
+        self.seen: list[bytes] = []
+        self.thread = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            self.seen.append(conn.recv(4096))
+            conn.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "Tripwire":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.thread.join(5)
+
+
+@contextlib.contextmanager
+def hammer_lookups(directory, login: str, field: str):
+    """Look ``login`` up in a loop while the body runs; ``.seen`` collects the record's
+    ``field``, ``.failures`` an exception or a miss (the thread stops at the first)."""
+    stop = threading.Event()
+    state = type("Hammer", (), {})()
+    state.seen, state.failures = [], []
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                record = directory.lookup(login)
+            except Exception as exc:  # the test reports it, not the thread
+                state.failures.append(exc)
+                return
+            if record is None:
+                state.failures.append(f"{login} not found")
+                return
+            state.seen.append(getattr(record, field))
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        thread.join()
+
