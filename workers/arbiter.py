@@ -90,10 +90,12 @@ class Arbiter:
             self.cleanup()
 
     def start(self) -> None:
-        self.sockets.ensure([l.host_port for l in self.config.listen])
+        # The pidfile first: once a port answers, its pid is on disk (cleanup() removes it
+        # again when a bind fails).
         if self.config.server.pidfile:
             with open(self.config.server.pidfile, "w") as fh:
                 fh.write(f"{os.getpid()}\n")
+        self.sockets.ensure([l.host_port for l in self.config.listen])
         if not self.config.redis.url:
             self.redis = EmbeddedRedis(self.config.server.run_dir)
             self.redis.start()
