@@ -66,6 +66,7 @@ class ProtocolConfig:
     idle_timeout: float = 1800.0      # idle timeout after login
     max_line: int = 65536             # longest command line accepted
     max_login_literal: int = 8192     # largest literal accepted before login
+    login_deadline: float = 120.0     # total seconds for the whole dialogue before login
 
 
 @dataclass(frozen=True)
@@ -233,10 +234,26 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     pop3 = reader.table(ProtocolConfig, raw.get("pop3", {}), "pop3")
     if "pop3" not in raw or "idle_timeout" not in raw.get("pop3", {}):
         pop3 = dataclasses.replace(pop3, idle_timeout=600.0)  # RFC 1939 §3: at least 10 minutes
+    for name, protocol in (("imap", imap), ("pop3", pop3)):
+        _check_protocol(reader, name, protocol)
     backends = _backends(reader, raw.get("backends", {}))
     directory = _directory(reader, raw.get("directory", {}))
     referrals = reader.table(ReferralConfig, raw.get("referrals", {}), "referrals")
     return Config(path, server, listen, tls, redis, imap, pop3, backends, directory, referrals)
+
+
+LOGIN_DEADLINE_RANGE = (1.0, 3600.0)
+
+
+def _check_protocol(reader: _Reader, name: str, protocol: ProtocolConfig) -> None:
+    """[imap]/[pop3] bounds that would make the pre-login bounds meaningless."""
+    low, high = LOGIN_DEADLINE_RANGE
+    if not low <= protocol.login_deadline <= high:
+        raise reader.fail(f"{name}.login_deadline", f"must be between {low:g} and {high:g} seconds")
+    if protocol.preauth_timeout <= 0:
+        raise reader.fail(f"{name}.preauth_timeout", "must be above 0")
+    if protocol.max_line < 1024:
+        raise reader.fail(f"{name}.max_line", "must be at least 1024")
 
 
 DIRECTORY_MISS = ("read-through", "unknown", "unavailable")

@@ -1,4 +1,5 @@
-"""SASL PLAIN (RFC 4616), the one mechanism the gateway can replay to a back-end."""
+"""SASL PLAIN (RFC 4616) and LOGIN (draft-murchison-sasl-login): the mechanisms whose
+credentials the gateway holds in clear and can replay to a back-end."""
 from __future__ import annotations
 
 import base64
@@ -27,3 +28,18 @@ def login_identity(authzid: str, authcid: str) -> str:
     rights on the back-end, so such a login gets a name that routes nowhere and fails like an
     unknown user."""
     return authcid if not authzid or authzid == authcid else "\0authzid"
+
+
+LOGIN_USERNAME = base64.b64encode(b"Username:")   # the LOGIN mechanism's two challenges
+LOGIN_PASSWORD = base64.b64encode(b"Password:")
+
+
+def decode_login_step(response: bytes) -> str | None:
+    """One base64 answer of the LOGIN mechanism (a user name or a password), or None when
+    malformed; an empty answer ("=" or nothing) is the empty string."""
+    if response in (b"", b"="):
+        return ""
+    try:
+        return base64.b64decode(response, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeError, ValueError):
+        return None

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 
 from gateway.config import BackendConfig
 from gateway.directory.cache import DirectoryUnavailable
-from gateway.directory.records import MailboxRecord, normalize_login
+from gateway.directory.records import normalize_login
 
 log = logging.getLogger("mailgate.session")
 
 
 class State(enum.Enum):
     PREAUTH = "preauth"
-    CONNECTING = "connecting"
-    LOGIN = "backend-login"
+    LOGIN = "backend-login"      # connect, greeting and login at the back-end: one phase
     PROXYING = "proxying"
     CLOSED = "closed"
 
@@ -51,20 +50,23 @@ class TooManyFailures(ClientGone):
     """Too many failed logins or bad commands: the protocol says goodbye and closes."""
 
 
-@dataclass(frozen=True)
-class Route:
-    login_name: str          # normalised
-    backend: BackendConfig
-    backend_login: str       # the name the back-end knows the mailbox by
-    record: MailboxRecord
+MAX_CREDENTIALS = 4096   # login name + password bytes; longer ones fail like a wrong password
 
 
 @dataclass(frozen=True)
 class Target:
-    """One back-end to log in at: its settings and the login name it knows."""
-    backend: BackendConfig
+    """One back-end to log in at: its configuration and the login name it knows there."""
+    config: BackendConfig
     login_name: str
     mailbox: str | None = None     # set by a mailbox referral
+
+
+@dataclass(frozen=True)
+class Route:
+    """The directory's answer for a login: who (normalised name, mailbox id) and where."""
+    login_name: str
+    mailbox_id: str                # the directory's id of the mailbox: moves close by it too
+    target: Target
 
 
 def route(service, login_name: str) -> Route:
@@ -80,23 +82,26 @@ def route(service, login_name: str) -> Route:
         if service.config.directory.miss == "unavailable":
             raise LoginError(Failure.UNAVAILABLE, "not in the directory cache")
         raise LoginError(Failure.AUTH_FAILED, "unknown user")
-    backend = service.config.backend(record.backend)
-    if backend is None:
+    backend_config = service.config.backend(record.backend)
+    if backend_config is None:
         raise LoginError(Failure.UNAVAILABLE, f"directory names unknown back-end {record.backend!r}")
-    return Route(normalized, backend, record.backend_login or normalized, record)
+    target = Target(backend_config, record.backend_login or normalized)
+    return Route(normalized, record.mailbox_id, target)
 
 
-def connect(backend: BackendConfig, protocol: str) -> socket.socket:
-    """A TCP connection to the back-end's port for ``protocol``; raises LoginError."""
-    address = (backend.address, backend.port(protocol))
+def connect(backend_config: BackendConfig, protocol: str) -> socket.socket:
+    """A TCP connection to the back-end's port for ``protocol``; raises LoginError.
+
+    The one place a back-end socket is opened (TLS to the back-end wraps this)."""
+    address = (backend_config.address, backend_config.port(protocol))
     try:
-        family = _numeric_family(backend.address)
+        family = _numeric_family(backend_config.address)
         if family is None:
-            sock = socket.create_connection(address, timeout=backend.connect_timeout)
+            sock = socket.create_connection(address, timeout=backend_config.connect_timeout)
         else:
             # An address literal needs no resolver (gevent's would take a thread-pool trip).
             sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.settimeout(backend.connect_timeout)
+            sock.settimeout(backend_config.connect_timeout)
             try:
                 sock.connect(address)
             except OSError:
@@ -105,7 +110,7 @@ def connect(backend: BackendConfig, protocol: str) -> socket.socket:
     except OSError as exc:
         reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
         raise LoginError(Failure.UNAVAILABLE,
-                         f"connect {backend.name} {address[0]}:{address[1]}: {reason}") from None
+                         f"connect {backend_config.name} {address[0]}:{address[1]}: {reason}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -138,8 +143,8 @@ class Session:
         self.last_activity = self.started
         self.login_name = ""
         self.mailbox_id = ""    # the directory's id of the mailbox: moves close by it too
-        self.backend_name = ""
-        self.backend: socket.socket | None = None
+        self.backend_name = ""  # the [backends] name (or referred host:port) logged in at
+        self.backend_sock: socket.socket | None = None
         self.bytes_in = 0       # client → gateway
         self.bytes_out = 0      # gateway → client
         self.end_reason = ""
@@ -156,7 +161,9 @@ class Session:
         """Greet, answer commands until login, relay; log one line at the end, whatever happens."""
         try:
             self.send(self.greeting())
-            self.client.settimeout(self.settings.preauth_timeout)
+            # Idle bound per read, and a total one for the whole dialogue (slowloris).
+            self.reader.idle_timeout = self.settings.preauth_timeout
+            self.reader.deadline = self.started + self.settings.login_deadline
             while self.state is State.PREAUTH and not self.closing:
                 self.next_command()
             if self.state is State.PROXYING and not self.closing:
@@ -199,13 +206,13 @@ class Session:
             if client_pending:
                 if observe is not None:
                     observe(client_pending, len(client_pending))
-                self.backend.sendall(client_pending)
+                self.backend_sock.sendall(client_pending)
                 self.bytes_in += len(client_pending)
         except OSError as exc:
             self.end(f"backend write error: {exc.strerror or exc}")
             return
-        self.relay = Relay(self, self.client, self.backend, observe)
-        self.client = self.backend = None
+        self.relay = Relay(self, self.client, self.backend_sock, observe)
+        self.client = self.backend_sock = None
         self.relay.start()
 
     def relay_ended(self, ending) -> None:
@@ -244,39 +251,55 @@ class Session:
     max_login_failures = 5
 
     def login(self, login_name: str, password: str, mechanism: str) -> bool:
-        """Route the login, open the back-end and replay the login there.
+        """Route the login, open the back-end and replay the login there; True when proxying.
 
-        The protocol supplies ``backend_login(route, password, mechanism)`` (returns what
-        ``answer_success`` needs) and ``answer_failure(failure)``.  True when proxying.
+        The protocol supplies ``open_backend(target, password, mechanism)`` (connect, greet,
+        log in; returns what ``answer_success`` needs and sets ``backend_sock`` and
+        ``backend_name``) and ``answer_failure(failure)``.
         """
         started = time.monotonic()
         self.login_name = login_name
         try:
+            if len(login_name.encode()) + len(password.encode()) > MAX_CREDENTIALS:
+                raise LoginError(Failure.AUTH_FAILED, "credentials too long")
             found = route(self.service, login_name)
-            result = self.login_routed(found, password, mechanism)
+            self.state = State.LOGIN
+            result = self.while_client_waits(
+                lambda: self.open_backend(found.target, password, mechanism))
         except LoginError as exc:
             self.drop_backend()
             self.login_failed(exc, started)
             return False
         self.login_name = found.login_name
-        self.mailbox_id = found.record.mailbox_id
+        self.mailbox_id = found.mailbox_id
         self.state = State.PROXYING
         log.debug("session=%s proto=%s login=%s backend=%s mechanism=%s", self.id,
                   self.protocol, _safe(found.login_name), self.backend_name, mechanism)
         self.answer_success(result)
         return True
 
-    def login_routed(self, found: Route, password: str, mechanism: str):
-        """Log in where the directory says; IMAP overrides this to follow referrals."""
-        return self.login_at(Target(found.backend, found.backend_login), password, mechanism)
+    def while_client_waits(self, backend_phase):
+        """Run ``backend_phase()``; a client that hangs up meanwhile ends it at once
+        (ClientGone), so a slow back-end does not keep both connections of a dead login."""
+        import gevent
+        from gevent.socket import wait_read
+        phase = gevent.getcurrent()
+        client = self.client
 
-    def login_at(self, target: "Target", password: str, mechanism: str):
-        """Connect to one back-end and replay the login there (raises LoginError)."""
-        self.backend_name = target.backend.name
-        self.state = State.CONNECTING
-        self.backend = connect(target.backend, self.protocol)
-        self.state = State.LOGIN
-        return self.backend_login(target, password, mechanism)
+        def watch() -> None:
+            try:
+                wait_read(client.fileno())
+                gone = not client.recv(1, socket.MSG_PEEK)
+            except OSError:
+                gone = True
+            if gone:      # (bytes pipelined behind the login are no hang-up: stop watching)
+                phase.kill(ClientGone("client closed during the back-end login"), block=False)
+
+        watcher = gevent.spawn(watch)
+        try:
+            return backend_phase()
+        finally:
+            watcher.kill(block=False)
 
     def login_failed(self, exc: LoginError, started: float) -> None:
         self.state = State.PREAUTH
@@ -293,14 +316,14 @@ class Session:
             raise TooManyFailures("too many login failures")
 
     def drop_backend(self) -> None:
-        if self.backend is not None:
+        if self.backend_sock is not None:
             try:
-                self.backend.close()
+                self.backend_sock.close()
             except OSError:
                 pass
-            self.backend = None
+            self.backend_sock = None
 
-    def backend_login(self, target: "Target", password: str, mechanism: str):
+    def open_backend(self, target: Target, password: str, mechanism: str):
         raise NotImplementedError
 
     def answer_success(self, result) -> None:
@@ -342,7 +365,7 @@ class Session:
             self.close()
 
     def close(self) -> None:
-        for sock in (self.backend, self.client):
+        for sock in (self.backend_sock, self.client):
             if sock is not None:
                 try:
                     sock.close()

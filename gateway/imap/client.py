@@ -1,29 +1,33 @@
 """The client half of an IMAP session: the pre-auth dialogue at the gateway, then the relay.
 
-Before login the gateway answers CAPABILITY, NOOP, LOGOUT, ID, LOGIN, AUTHENTICATE PLAIN
-(RFC 4959 SASL-IR) and STARTTLS itself; every other command gets BAD.  A login is routed
-(gateway.session.route), replayed to the back-end (gateway.imap.backend) and the back-end's
-answer returned under the client's tag; from then on the session is relayed.
+Before login the gateway answers CAPABILITY, NOOP, LOGOUT, ID, LOGIN, AUTHENTICATE PLAIN and
+LOGIN (RFC 4959 SASL-IR) and STARTTLS itself; every other command gets BAD.  A login is
+routed (gateway.session.route), logged in at the back-end (gateway.imap.login, following
+login referrals with gateway.imap.referrals.follow) and the back-end's answer returned under
+the client's tag; from then on the session is relayed.
 """
 from __future__ import annotations
 
 import logging
-import socket
-from collections import deque
+import re
 
 from gateway import sasl
 from gateway import session as session_mod
-from gateway.imap import parser, referrals
-from gateway.imap.backend import ImapBackend, filter_capabilities
-from gateway.imap.parser import Atom, Framer, Line
-from gateway.imap.relay import CommandTracker
-from gateway.session import ClientGone, Failure
+from gateway.imap import login, parser, referrals
+from gateway.imap.backend import filter_capabilities
+from gateway.imap.parser import Atom, Line
+from gateway.imap.reader import ImapReader, LiteralRefused, TooLarge
+from gateway.imap.tracker import CommandTracker
+from gateway.session import ClientGone, Failure, LoginError
+from gateway.stream import DeadlineExceeded, ReadError, ReadTimeout
 
 log = logging.getLogger("mailgate.imap")
 
-PREAUTH_CAPABILITIES = b"IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN"
+PREAUTH_CAPABILITIES = b"IMAP4rev1 LITERAL+ SASL-IR ID AUTH=PLAIN AUTH=LOGIN"
 MAX_BAD_COMMANDS = 10      # then the connection is closed, as Dovecot does
 MAX_ARGS = 64
+PROXY_TTL = 5              # Dovecot's LOGIN_PROXY_TTL: proxies in a row before a loop is assumed
+_LITERAL8 = re.compile(rb"~\{\d+\+?\}\r?\n\Z")
 
 ANSWERS = {
     Failure.AUTH_FAILED: b"NO [AUTHENTICATIONFAILED] Authentication failed.",
@@ -38,10 +42,13 @@ class ImapSession(session_mod.Session):
     def __init__(self, service, client, address, listen):
         super().__init__(service, client, address, listen)
         self.settings = service.config.imap
-        self.framer = Framer(max_line=self.settings.max_line,
-                             max_literal=self.settings.max_login_literal)
-        self.events: deque = deque()
+        # One pre-login command as a whole: two literals (user, password) and a line.
+        max_total = 2 * self.settings.max_login_literal + self.settings.max_line
+        self.reader = ImapReader(client, max_line=self.settings.max_line,
+                                 max_literal=self.settings.max_login_literal,
+                                 max_total=max_total, recv_size=4096, on_bytes=self.count_in)
         self.client_id: list[tuple[str, str]] = []
+        self.proxy_ttl = PROXY_TTL
         self.bad_commands = 0
         self.login_tag = ""
 
@@ -52,7 +59,9 @@ class ImapSession(session_mod.Session):
         return b"* OK [CAPABILITY " + PREAUTH_CAPABILITIES + b"] " + banner.encode() + b"\r\n"
 
     def next_command(self) -> None:
-        self.dispatch(self.read_command())
+        parts = self.read_command()
+        if parts is not None:
+            self.dispatch(parts)
 
     def goodbye_line(self, text: str) -> bytes:
         return b"* BYE [UNAVAILABLE] " + text.encode() + b"\r\n"
@@ -61,54 +70,53 @@ class ImapSession(session_mod.Session):
 
     # -- reading commands before login -------------------------------------------------------
 
-    def next_event(self):
-        while not self.events:
-            try:
-                data = self.client.recv(4096)
-            except socket.timeout:
-                self.try_send(b"* BYE Autologout; idle for too long.\r\n")
-                raise ClientGone("idle timeout before login") from None
-            except OSError as exc:
-                raise ClientGone(f"read error: {exc.strerror or exc}") from None
-            if not data:
-                raise ClientGone("client closed")
-            self.bytes_in += len(data)
-            try:
-                self.events.extend(self.framer.feed(data))
-            except parser.LiteralTooLarge:
-                self.try_send(b"* BYE [TOOBIG] Literal too large before login.\r\n")
-                raise ClientGone("literal too large") from None
-            except parser.LineTooLong:
-                self.try_send(b"* BYE [TOOBIG] Command line too long.\r\n")
-                raise ClientGone("line too long") from None
-            except parser.ParseError as exc:
-                self.try_send(b"* BYE Protocol error.\r\n")
-                raise ClientGone(f"protocol error: {exc}") from None
-        return self.events.popleft()
+    def count_in(self, size: int) -> None:
+        self.bytes_in += size
 
-    def read_command(self) -> list[bytes]:
-        """The parts of one whole command: lines and literal payloads, in order."""
-        parts: list[bytes] = []
-        while True:
-            event = self.next_event()
-            if not isinstance(event, Line):
-                continue  # a literal chunk outside a literal cannot happen; ignore defensively
-            parts.append(event.data)
-            if event.literal is None:
-                return parts
-            if not event.literal.nonsync:
-                self.send(b"+ Ready for literal data.\r\n")
-            payload = bytearray()
-            while True:
-                chunk = self.next_event()
-                payload += chunk.data
-                if chunk.last:
-                    break
-            parts.append(bytes(payload))
+    def read_command(self) -> list[bytes] | None:
+        """The parts of one whole command (lines and literal payloads, in order), or None when
+        it was answered already (a refused literal)."""
+        try:
+            return self.reader.read_parts(self.on_literal)
+        except LiteralRefused as refused:
+            self.bad(_guess_tag(refused.parts[0]), "literal8 is not allowed here.")
+            return None
+        except (ReadError, parser.ParseError) as exc:
+            raise self.read_failed(exc) from None
 
-    def leftover(self) -> bytes:
-        """Client bytes read but not consumed before login: pipelined after the LOGIN."""
-        return b"".join(e.data for e in self.events) + self.framer.pending()
+    def on_literal(self, line: Line) -> bool:
+        """A literal is announced: literal8 (RFC 3516) carries no credentials; "+" for the rest."""
+        if _LITERAL8.search(line.data):
+            return False
+        if not line.literal.nonsync:
+            self.send(b"+ Ready for literal data.\r\n")
+        return True
+
+    def next_line(self) -> Line:
+        """One line (a SASL answer); read failures end the session with an answer."""
+        try:
+            event = self.reader.next_event()
+        except (ReadError, parser.ParseError) as exc:
+            raise self.read_failed(exc) from None
+        if not isinstance(event, Line):      # cannot happen between commands
+            raise ClientGone("protocol error: literal data out of place")
+        return event
+
+    def read_failed(self, exc: Exception) -> ClientGone:
+        """The goodbye for a read that cannot go on, and the ClientGone that ends the session."""
+        goodbyes = ((DeadlineExceeded, b"* BYE Autologout; login took too long.\r\n", "login deadline"),
+                    (ReadTimeout, b"* BYE Autologout; idle for too long.\r\n", "idle timeout before login"),
+                    (ReadError, b"", ""),
+                    (parser.LiteralTooLarge, b"* BYE [TOOBIG] Literal too large before login.\r\n", ""),
+                    (TooLarge, b"* BYE [TOOBIG] Command too large before login.\r\n", ""),
+                    (parser.LineTooLong, b"* BYE [TOOBIG] Command line too long.\r\n", ""),
+                    (parser.ParseError, b"* BYE Protocol error.\r\n", ""))
+        for kind, line, reason in goodbyes:
+            if isinstance(exc, kind):
+                if line:
+                    self.try_send(line)
+                return ClientGone(reason or str(exc))
+        return ClientGone(str(exc))  # pragma: no cover - every ReadError/ParseError is listed
 
     # -- dispatch ----------------------------------------------------------------------------------
 
@@ -163,6 +171,7 @@ class ImapSession(session_mod.Session):
                 return
             self.client_id = [(_text(k), _text(v)) for k, v in zip(fields[::2], fields[1::2])
                               if not _is_nil(k) and not _is_nil(v)][:30]
+            self.proxy_ttl = _proxy_ttl(self.client_id, self.proxy_ttl)
         elif not _is_nil(fields):
             self.bad(command.tag, "ID argument must be a list or NIL.")
             return
@@ -180,31 +189,64 @@ class ImapSession(session_mod.Session):
         if not args or len(args) > 2 or not isinstance(args[0], Atom):
             self.bad(command.tag, "AUTHENTICATE needs a mechanism.")
             return
-        if args[0].upper() != "PLAIN":
+        mechanism = args[0].upper()
+        if mechanism not in ("PLAIN", "LOGIN"):
             self.reply(command.tag, "NO Unsupported authentication mechanism.")
             return
-        if len(args) == 2:
-            response = _text(args[1]).encode()   # RFC 4959 initial response; "=" is empty
+        # RFC 4959 initial response ("=" is empty); else the first challenge.
+        initial = _text(args[1]).encode() if len(args) == 2 else None
+        if mechanism == "PLAIN":
+            self.authenticate_plain(command.tag, initial)
         else:
-            self.send(b"+ \r\n")
-            response = self.read_sasl_line()
+            self.authenticate_login(command.tag, initial)
+
+    def authenticate_plain(self, tag: str, response: bytes | None) -> None:
+        if response is None:
+            response = self.sasl_answer(tag, b"")
             if response is None:
-                self.bad(command.tag, "Authentication cancelled.")
                 return
         credentials = sasl.decode_plain(response)   # RFC 4959's "=" (empty) is malformed too
         if credentials is None:
-            self.bad(command.tag, "Invalid SASL PLAIN response.")
+            self.bad(tag, "Invalid SASL PLAIN response.")
             return
         authzid, authcid, password = credentials
-        self.login_command(command.tag, sasl.login_identity(authzid, authcid), password, "PLAIN")
+        self.login_command(tag, sasl.login_identity(authzid, authcid), password, "PLAIN")
 
-    def read_sasl_line(self) -> bytes | None:
-        """One SASL continuation line; None when the client cancels with "*" (RFC 3501 6.2.2)."""
-        event = self.next_event()
-        if not isinstance(event, Line) or event.literal is not None:
-            raise ClientGone("protocol error in SASL response")
-        line = event.data.rstrip(b"\r\n")
-        return None if line == b"*" else line
+    def authenticate_login(self, tag: str, response: bytes | None) -> None:
+        """The LOGIN mechanism: a user name, then a password, each base64 (a client may send
+        the user name as the initial response)."""
+        if response is None:
+            response = self.sasl_answer(tag, sasl.LOGIN_USERNAME)
+            if response is None:
+                return
+        user = sasl.decode_login_step(response)
+        if not user:
+            self.bad(tag, "Invalid SASL LOGIN response.")
+            return
+        response = self.sasl_answer(tag, sasl.LOGIN_PASSWORD)
+        if response is None:
+            return
+        password = sasl.decode_login_step(response)
+        if password is None:
+            self.bad(tag, "Invalid SASL LOGIN response.")
+            return
+        self.login_command(tag, user, password, "LOGIN")
+
+    def sasl_answer(self, tag: str, challenge: bytes) -> bytes | None:
+        """Send a challenge and read the client's answer line; None when the client cancelled
+        with "*" (RFC 3501 6.2.2), already answered BAD."""
+        self.send(b"+ " + challenge + b"\r\n")
+        line = self.next_line()
+        if line.literal is not None:
+            # A literal cannot answer a challenge; its payload may be on its way: say why, close.
+            self.try_send(tag.encode() + b" BAD SASL response must be a line.\r\n"
+                          b"* BYE Protocol error.\r\n")
+            raise ClientGone("protocol error: literal as a SASL response")
+        answer = line.data.rstrip(b"\r\n")
+        if answer == b"*":
+            self.bad(tag, "Authentication cancelled.")
+            return None
+        return answer
 
     # -- login -------------------------------------------------------------------------------------
 
@@ -223,32 +265,29 @@ class ImapSession(session_mod.Session):
         return (self.service.config.referrals.follow and self.home is not None
                 and "MAILBOX-REFERRALS" in self.home.capabilities)
 
-    def login_routed(self, found, password: str, mechanism: str):
-        first = session_mod.Target(found.backend, found.backend_login)
-        return referrals.follow_login(self, first, password, mechanism)
-
-    def backend_login(self, target, password: str, mechanism: str):
-        self.backend_login_name = target.login_name
-        backend = ImapBackend(self.backend, target.backend.name, target.backend.connect_timeout)
-        backend.greet()
-        self.backend.settimeout(target.backend.login_timeout)
-        try:
-            answer = backend.login(target.login_name, password, mechanism, self.id_fields())
-        except referrals.Referred as referred:
-            if referred.kept is not None:
-                referred.kept = (backend, referred.kept)
-            raise
-        return backend, answer
+    def open_backend(self, target, password: str, mechanism: str):
+        """Log in at ``target``, following login referrals; (connection, answer)."""
+        if self.proxy_ttl <= 1:
+            raise LoginError(Failure.UNAVAILABLE, "proxy TTL reached zero: proxies are looping")
+        credentials = login.Credentials(password, mechanism)
+        id_fields = self.id_fields()
+        connection, answer = referrals.follow(
+            target, lambda there: login.open_backend(there, credentials, id_fields),
+            self.service.referral_policy, self.id)
+        self.backend_sock = connection.sock
+        self.backend_name = connection.name
+        self.backend_login_name = connection.target.login_name
+        return connection, answer
 
     def answer_success(self, result) -> None:
-        backend, answer = result
-        self.home = backend
+        connection, answer = result
+        self.home = connection
         keep = ("MAILBOX-REFERRALS",) if self.service.config.referrals.pass_to_capable_clients else ()
-        capabilities = filter_capabilities(backend.capability_words, keep)
+        capabilities = filter_capabilities(connection.capability_words, keep)
         text = answer.text or "Logged in"
         self.send(self.login_tag.encode() + b" OK [CAPABILITY " + capabilities +
                   b"] " + text.encode("utf-8", "replace") + b"\r\n")
-        self.backend_pending = backend.leftover()
+        self.backend_pending = connection.take_pending()
 
     def answer_failure(self, failure: Failure) -> None:
         self.send(self.login_tag.encode() + b" " + ANSWERS[failure] + b"\r\n")
@@ -259,7 +298,7 @@ class ImapSession(session_mod.Session):
         ours = [("x-originating-ip", self.client_address),
                 ("x-originating-port", str(self.client_port)),
                 ("x-connected-ip", str(local[0])), ("x-connected-port", str(local[1])),
-                ("x-session-ext-id", self.id)]
+                ("x-session-ext-id", self.id), ("x-proxy-ttl", str(self.proxy_ttl - 1))]
         theirs = [(k, v) for k, v in self.client_id if not k.lower().startswith("x-")]
         return theirs[:30 - len(ours)] + ours
 
@@ -270,8 +309,8 @@ class ImapSession(session_mod.Session):
             self.proxy_with_referrals()
             return
         self.tracker = CommandTracker()
-        pending_up = self.leftover()
-        self.events = self.framer = None        # pre-auth state is not kept for the session
+        pending_up = self.reader.leftover()
+        self.reader = None                      # pre-auth state is not kept for the session
         self.hand_over(pending_up, self.backend_pending, self.tracker.observe)
 
     def proxy_with_referrals(self) -> None:
@@ -279,8 +318,7 @@ class ImapSession(session_mod.Session):
         from gateway.imap.routing import RoutingRelay
         password, mechanism = self.credentials
         self.credentials = None
-        pending_up = self.leftover()
-        self.events.clear()
+        pending_up = self.reader.leftover()
         relay = RoutingRelay(self, self.home, password, mechanism)
         self.end(relay.run(pending_up, self.backend_pending))
 
@@ -312,6 +350,14 @@ def _text(token) -> str:
     if isinstance(token, bytes):
         return token.decode("utf-8", "replace")
     return str(token)
+
+
+def _proxy_ttl(client_id: list[tuple[str, str]], current: int) -> int:
+    """The TTL another proxy in front of us sent (``x-proxy-ttl``), never raised above ours."""
+    for key, value in client_id:
+        if key.lower() == "x-proxy-ttl" and value.strip().isdigit():
+            return min(int(value), current)
+    return current
 
 
 def _is_nil(token) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from gateway.imap import parser
-from gateway.imap.backend import ImapBackend, quote_bytes
+from gateway.imap.backend import BackendConnection, quote_bytes
 from gateway.imap.parser import Atom
 from gateway.session import LoginError
 
@@ -64,17 +64,17 @@ def encode_tokens(tokens) -> list[bytes]:
 class Link:
     """One back-end connection of the relay: the home server or a referred one."""
 
-    def __init__(self, backend: ImapBackend, name: str, relay):
+    def __init__(self, backend: BackendConnection, name: str, relay):
         self.backend = backend
         self.name = name
         self.relay = relay
         self.literal_plus = "LITERAL+" in backend.capabilities
 
     def next_event(self):
-        if not self.backend.events:
+        if not self.backend.reader.has_buffered():
             self.relay.flush()
         try:
-            return self.backend._next_event()
+            return self.backend.next_event()
         except LoginError as exc:
             raise LinkDown(self, exc.detail) from None
 

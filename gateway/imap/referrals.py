@@ -24,10 +24,11 @@ class Referred(LoginError):
     """A back-end referred the login elsewhere (RFC 2221).
 
     ``urls`` are the referral's targets, best first.  ``kept`` is set for ``OK [REFERRAL]``:
-    the login succeeded where it was, so that result is used when no referral can be followed.
+    the login succeeded where it was, and ``kept`` is that result, (logged-in connection,
+    answer), used when no referral can be followed; None for ``NO``/``BYE [REFERRAL]``.
     """
 
-    def __init__(self, detail: str, referral: list[urls.ImapUrl], kept=None):
+    def __init__(self, detail: str, referral: list[urls.ImapUrl], kept: tuple | None = None):
         super().__init__(Failure.UNAVAILABLE, detail)
         self.urls = referral
         self.kept = kept
@@ -82,50 +83,50 @@ def referral_of(response) -> list[urls.ImapUrl] | None:
         return None
 
 
-def follow_login(session, first: Target, password: str, mechanism: str):
-    """Log in at ``first``, following login referrals within the policy; returns the result.
+def follow(first: Target, open_target, policy: ReferralPolicy, session_id: str):
+    """Log in at ``first`` with ``open_target(target)``, following login referrals within the
+    policy; returns what ``open_target`` returned for the target the login ended on.
 
+    ``open_target`` returns ``(connection, answer)`` or raises LoginError / Referred (whose
+    ``kept`` result, for ``OK [REFERRAL]``, is returned when no referral can be followed).
     One place decides, as Dovecot's login proxy does: a referral is followed within
     ``max_hops``, never to the same host:port twice (loop), only to allowed hosts; the
     replicas of one referral are tried in order while they are unavailable.
     """
-    policy: ReferralPolicy = session.service.referral_policy
     queue, visited, hops = [first], set(), 0
     kept, last_error = None, None
     while queue:
         target = queue.pop(0)
-        key = (target.backend.address.lower(), target.backend.imap_port)
+        key = (target.config.address.lower(), target.config.imap_port)
         if key in visited:
             last_error = LoginError(Failure.UNAVAILABLE, f"referral loop at {key[0]}:{key[1]}")
             continue
         visited.add(key)
         try:
-            result = session.login_at(target, password, mechanism)
+            result = open_target(target)
         except Referred as referred:
             hops += 1
-            if referred.kept is not None and kept is None:
-                kept = (session.backend, referred.kept, session.backend_name)
-                session.backend = None
-            session.drop_backend()
+            if referred.kept is not None:
+                if kept is None:
+                    kept = referred.kept       # the first working login is the fallback
+                else:
+                    referred.kept[0].close()
             if not policy.settings.follow or hops > policy.settings.max_hops:
                 last_error = LoginError(Failure.UNAVAILABLE, f"{referred.detail} (not followed)")
                 break
-            queue = policy.targets(referred.urls, target.login_name, session.id)
+            queue = policy.targets(referred.urls, target.login_name, session_id)
             last_error = LoginError(Failure.UNAVAILABLE, f"{referred.detail}: no allowed target")
             continue
         except LoginError as exc:
-            session.drop_backend()
-            if exc.failure is not Failure.UNAVAILABLE or not queue:
-                last_error = exc
-                if exc.failure is not Failure.UNAVAILABLE:
-                    break
-            else:
-                last_error = exc
+            last_error = exc
+            if exc.failure is not Failure.UNAVAILABLE:
+                break        # a refused password is not retried at a replica
             continue
         if kept is not None:
             kept[0].close()
         return result
     if kept is not None:
-        session.backend, result, session.backend_name = kept
-        return result
+        log.info("session=%s referral not followed (%s): staying logged in where referred",
+                 session_id, last_error.detail if last_error else "-")
+        return kept
     raise last_error

@@ -19,11 +19,12 @@ from collections import deque
 import gevent
 
 from gateway.imap import parser, referrals, urls
-from gateway.imap.backend import ImapBackend
+from gateway.imap import login
+from gateway.imap.backend import BackendConnection
 from gateway.imap.parser import Atom, Framer, Line, LiteralChunk, Response
 from gateway.imap.links import Head, Link, LinkDown, encode_tokens, with_marker
 from gateway.imap.remote_copy import cross_server_copy
-from gateway.session import ClientGone, LoginError, Target, connect
+from gateway.session import ClientGone, LoginError, Target
 
 log = logging.getLogger("mailgate.imap.routing")
 
@@ -38,7 +39,7 @@ MAILBOX_COMMANDS = {"STATUS", "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE"}
 class RoutingRelay:
     """Serves the logged-in client over the home link and any referred links."""
 
-    def __init__(self, session, home: ImapBackend, password: str, mechanism: str):
+    def __init__(self, session, home: BackendConnection, password: str, mechanism: str):
         self.session = session
         self.client = session.client
         self.home = Link(home, home.name, self)
@@ -133,9 +134,7 @@ class RoutingRelay:
 
     def run(self, client_pending: bytes, backend_pending: bytes) -> str:
         """Serve until LOGOUT or failure; returns the reason for the session log."""
-        self.home.backend.events.clear()
-        self.home.backend.unbounded()
-        self.home.backend.sock.settimeout(self.session.settings.idle_timeout)
+        self.home.backend.unbounded(self.session.settings.idle_timeout)
         self.client.settimeout(self.session.settings.idle_timeout)
         if backend_pending:
             self.session.send(backend_pending)
@@ -354,25 +353,24 @@ class RoutingRelay:
                 return self.open_link(target), target
             except LinkDown as down:
                 log.warning("session=%s referred server %s unavailable: %s", self.session.id,
-                            target.backend.name, down)
+                            target.config.name, down)
         return None
 
     def open_link(self, target: Target) -> Link:
-        key = (target.backend.address.lower(), target.backend.imap_port, target.login_name)
+        key = (target.config.address.lower(), target.config.imap_port, target.login_name)
         if key in self.remotes:
             return self.remotes[key]
         try:
-            sock = connect(target.backend, "imap")
-            backend = ImapBackend(sock, target.backend.name, target.backend.connect_timeout)
-            backend.greet()
-            sock.settimeout(target.backend.login_timeout)
-            backend.login(target.login_name, self.password, self.mechanism,
-                          self.session.id_fields())
+            backend, _ = login.open_backend(target, login.Credentials(self.password, self.mechanism),
+                                            self.session.id_fields())
+        except referrals.Referred as referred:
+            if referred.kept is None:
+                raise LinkDown(None, referred.detail) from None
+            backend = referred.kept[0]      # OK [REFERRAL]: logged in; not followed further
         except LoginError as exc:
             raise LinkDown(None, exc.detail) from None
-        sock.settimeout(self.session.settings.idle_timeout)
-        backend.unbounded()
-        link = Link(backend, target.backend.name, self)
+        backend.unbounded(self.session.settings.idle_timeout)
+        link = Link(backend, target.config.name, self)
         self.remotes[key] = link
         log.info("session=%s opened referred connection to %s", self.session.id, link.name)
         return link

@@ -3,13 +3,17 @@
 Every line sent here is built by the gateway.  The login goes as SASL PLAIN (RFC 5034) when
 the back-end offers it: base64 carries any byte safely.  USER/PASS is the fallback, and only
 for credentials without CR, LF or NUL, so a client cannot append a second command.
+:func:`open_backend` bounds the whole phase (connect + greeting + login) by the back-end's
+connect_timeout + login_timeout.
 """
 from __future__ import annotations
 
-import socket
+import gevent
 
-from gateway import sasl
-from gateway.session import Failure, LoginError
+from gateway import sasl, session
+from gateway.pop3.framer import LineFramer, TooLong
+from gateway.session import Failure, LoginError, Target
+from gateway.stream import ReadError, StreamReader
 
 MAX_LINE = 8192
 MAX_CAPA_LINES = 100
@@ -20,144 +24,136 @@ ERR_CODES = {"SYS/TEMP": Failure.UNAVAILABLE, "IN-USE": Failure.UNAVAILABLE,
              "AUTH": Failure.AUTH_FAILED}
 
 
-class LineTooLong(ValueError):
-    """A line longer than the reader's bound; it was read to its end and dropped."""
+class BackendConnection:
+    """One connection to a POP3 back-end; logged in after :func:`log_in`."""
 
-
-class LineReader:
-    """Bounded CRLF line reading from a socket whose timeout is already set.
-
-    Memory stays bounded: an over-long line is discarded as it arrives, up to its LF, and
-    then reported (LineTooLong), so the reader is in step with the peer's next line.
-    """
-
-    def __init__(self, sock: socket.socket, max_line: int = MAX_LINE):
+    def __init__(self, sock, target: Target):
         self.sock = sock
-        self.max_line = max_line
-        self.buffer = bytearray()
-        self.discarding = False
-
-    def read_line(self) -> bytes | None:
-        """One line without its CRLF; None at EOF.
-
-        Raises OSError, socket.timeout, and LineTooLong for a line above ``max_line`` octets
-        (LF included).
-        """
-        while True:
-            newline = self.buffer.find(b"\n")
-            if newline >= 0:
-                line = bytes(self.buffer[:newline + 1])
-                del self.buffer[:newline + 1]
-                if self.discarding or len(line) > self.max_line:
-                    self.discarding = False
-                    raise LineTooLong(f"line longer than {self.max_line} octets")
-                return line.rstrip(b"\r\n")
-            if len(self.buffer) > self.max_line:
-                self.discarding = True
-                self.buffer.clear()
-            data = self.sock.recv(4096)
-            if not data:
-                return None
-            self.buffer += data
-
-    def take(self) -> bytes:
-        """Bytes read past the last line (handed to the relay)."""
-        data = bytes(self.buffer)
-        self.buffer.clear()
-        return data
-
-
-class Pop3Backend:
-    def __init__(self, sock: socket.socket, name: str, timeout: float):
-        self.sock = sock
-        self.name = name
-        self.reader = LineReader(sock)
+        self.target = target
+        self.name = target.config.name
+        self.reader = StreamReader(sock, LineFramer(MAX_LINE))
         self.capabilities: set[str] = set()
-        sock.settimeout(timeout)
 
-    def _fail(self, failure: Failure, detail: str) -> LoginError:
+    def fail(self, failure: Failure, detail: str) -> LoginError:
         return LoginError(failure, f"backend {self.name}: {detail}")
 
     def read_line(self) -> bytes:
+        """One answer line without its line end; any failure is a LoginError."""
         try:
-            line = self.reader.read_line()
-        except socket.timeout:
-            raise self._fail(Failure.UNAVAILABLE, "timed out") from None
-        except OSError as exc:
-            raise self._fail(Failure.UNAVAILABLE, f"read error: {exc.strerror or exc}") from None
-        except ValueError:
-            raise self._fail(Failure.PROTOCOL, "answer line too long") from None
-        if line is None:
-            raise self._fail(Failure.UNAVAILABLE, "closed the connection")
-        return line
+            event = self.reader.next_event()
+        except ReadError as exc:
+            raise self.fail(Failure.UNAVAILABLE, str(exc)) from None
+        if isinstance(event, TooLong):
+            raise self.fail(Failure.PROTOCOL, "answer line too long")
+        return event.text
 
     def send(self, line: bytes) -> None:
         try:
             self.sock.sendall(line)
         except OSError as exc:
-            raise self._fail(Failure.UNAVAILABLE, f"write error: {exc.strerror or exc}") from None
+            raise self.fail(Failure.UNAVAILABLE, f"write error: {exc.strerror or exc}") from None
 
-    def greet(self) -> None:
-        greeting = self.read_line()
-        if not greeting.startswith(b"+OK"):
-            raise self._fail(Failure.UNAVAILABLE, f"greeting {greeting[:80]!r}")
-        if greeting.startswith(b"+OK [XCLIENT]"):
-            # Dovecot announces XCLIENT to trusted networks in its greeting, not in CAPA.
-            self.capabilities.add("XCLIENT")
-        self.send(b"CAPA\r\n")
-        if self.read_line().startswith(b"+OK"):
-            for _ in range(MAX_CAPA_LINES):
-                line = self.read_line()
-                if line == b".":
-                    break
-                self.capabilities.add(line.decode("ascii", "replace").upper())
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def offers_plain(self) -> bool:
         return any(c.startswith("SASL ") and "PLAIN" in c.split() for c in self.capabilities)
 
-    def forward_client(self, address: str, port: int, session_id: str) -> None:
-        """Dovecot's XCLIENT (trusted networks only): the back-end logs the real client."""
-        if not any(c.startswith("XCLIENT") for c in self.capabilities):
-            return
-        if not _safe_token(address):
-            return
-        self.send(f"XCLIENT ADDR={address} PORT={int(port)} SESSION={session_id}\r\n".encode())
-        answer = self.read_line()
-        if not answer.startswith(b"+OK"):
-            raise self._fail(Failure.UNAVAILABLE, f"XCLIENT refused: {answer[:80]!r}")
 
-    def login(self, login_name: str, password: str) -> bytes:
-        """Replay the login; returns the +OK line or raises LoginError."""
-        if self.offers_plain():
-            token = sasl.encode_plain(login_name, password)
-            self.send(b"AUTH PLAIN " + token + b"\r\n")
-            return self._answer(self.read_line())
-        if not _safe_token(login_name, spaces=True) or not _safe_token(password, spaces=True):
-            raise self._fail(Failure.AUTH_FAILED, "credentials unusable with USER/PASS")
-        user = b"USER " + login_name.encode() + b"\r\n"
-        secret = b"PASS " + password.encode() + b"\r\n"
-        if "PIPELINING" in self.capabilities:
-            self.send(user + secret)
-            user_answer = self.read_line()
-        else:
-            self.send(user)
-            user_answer = self.read_line()
-            if user_answer.startswith(b"+OK"):
-                self.send(secret)
-        if not user_answer.startswith(b"+OK"):
-            if "PIPELINING" in self.capabilities:
-                self.read_line()
-            return self._answer(user_answer)
-        return self._answer(self.read_line())
+def open_backend(target: Target, password: str, client_address: tuple[str, int, str]
+                 ) -> tuple[BackendConnection, bytes]:
+    """Connect to ``target`` and log in (:func:`log_in`) within connect_timeout +
+    login_timeout; returns the connection and the back-end's +OK line.  Raises LoginError."""
+    config = target.config
+    total = config.connect_timeout + config.login_timeout
+    with gevent.Timeout(total, LoginError(
+            Failure.UNAVAILABLE, f"backend {config.name}: no login answer within {total:g}s")):
+        sock = session.connect(config, "pop3")
+        return log_in(sock, target, password, client_address)
 
-    def _answer(self, line: bytes) -> bytes:
-        if line.startswith(b"+OK"):
-            return line
-        code = ""
-        if line.startswith(b"-ERR ["):
-            code = line[6:line.find(b"]")].decode("ascii", "replace").upper()
-        failure = ERR_CODES.get(code, Failure.AUTH_FAILED)
-        raise self._fail(failure, f"login answer {line[:120]!r}")
+
+def log_in(sock, target: Target, password: str, client_address: tuple[str, int, str]
+           ) -> tuple[BackendConnection, bytes]:
+    """Greet, tell the client's address (XCLIENT) and log in on ``sock``; the socket is
+    closed on any failure.  ``client_address`` is (address, port, session id)."""
+    connection = BackendConnection(sock, target)
+    try:
+        connection.reader.idle_timeout = target.config.connect_timeout
+        _greet(connection)
+        _forward_client(connection, *client_address)
+        connection.reader.idle_timeout = target.config.login_timeout
+        return connection, _login(connection, target.login_name, password)
+    except BaseException:
+        connection.close()
+        raise
+
+
+def _greet(connection: BackendConnection) -> None:
+    greeting = connection.read_line()
+    if not greeting.startswith(b"+OK"):
+        raise connection.fail(Failure.UNAVAILABLE, f"greeting {greeting[:80]!r}")
+    if greeting.startswith(b"+OK [XCLIENT]"):
+        # Dovecot announces XCLIENT to trusted networks in its greeting, not in CAPA.
+        connection.capabilities.add("XCLIENT")
+    connection.send(b"CAPA\r\n")
+    if connection.read_line().startswith(b"+OK"):
+        for _ in range(MAX_CAPA_LINES):
+            line = connection.read_line()
+            if line == b".":
+                break
+            connection.capabilities.add(line.decode("ascii", "replace").upper())
+
+
+def _forward_client(connection: BackendConnection, address: str, port: int,
+                    session_id: str) -> None:
+    """Dovecot's XCLIENT (trusted networks only): the back-end logs the real client."""
+    if not any(c.startswith("XCLIENT") for c in connection.capabilities):
+        return
+    if not _safe_token(address):
+        return
+    connection.send(f"XCLIENT ADDR={address} PORT={int(port)} SESSION={session_id}\r\n".encode())
+    answer = connection.read_line()
+    if not answer.startswith(b"+OK"):
+        raise connection.fail(Failure.UNAVAILABLE, f"XCLIENT refused: {answer[:80]!r}")
+
+
+def _login(connection: BackendConnection, login_name: str, password: str) -> bytes:
+    """Replay the login; returns the +OK line or raises LoginError."""
+    if connection.offers_plain():
+        token = sasl.encode_plain(login_name, password)
+        connection.send(b"AUTH PLAIN " + token + b"\r\n")
+        return _answer(connection, connection.read_line())
+    if not _safe_token(login_name, spaces=True) or not _safe_token(password, spaces=True):
+        raise connection.fail(Failure.AUTH_FAILED, "credentials unusable with USER/PASS")
+    user = b"USER " + login_name.encode() + b"\r\n"
+    secret = b"PASS " + password.encode() + b"\r\n"
+    pipelining = "PIPELINING" in connection.capabilities
+    if pipelining:
+        connection.send(user + secret)
+        user_answer = connection.read_line()
+    else:
+        connection.send(user)
+        user_answer = connection.read_line()
+        if user_answer.startswith(b"+OK"):
+            connection.send(secret)
+    if not user_answer.startswith(b"+OK"):
+        if pipelining:
+            connection.read_line()
+        return _answer(connection, user_answer)
+    return _answer(connection, connection.read_line())
+
+
+def _answer(connection: BackendConnection, line: bytes) -> bytes:
+    if line.startswith(b"+OK"):
+        return line
+    code = ""
+    if line.startswith(b"-ERR ["):
+        code = line[6:line.find(b"]")].decode("ascii", "replace").upper()
+    failure = ERR_CODES.get(code, Failure.AUTH_FAILED)
+    raise connection.fail(failure, f"login answer {line[:120]!r}")
 
 
 def _safe_token(value: str, spaces: bool = False) -> bool:

@@ -1,20 +1,21 @@
 """The client half of a POP3 session: pre-auth at the gateway, then a byte relay.
 
-Before login the gateway answers CAPA, USER/PASS, AUTH PLAIN (RFC 5034, with initial
-response and "*" cancel), QUIT and STLS itself; anything else gets -ERR.  After the
+Before login the gateway answers CAPA, USER/PASS, AUTH PLAIN and LOGIN (RFC 5034, with
+initial response and "*" cancel), QUIT and STLS itself; anything else gets -ERR.  After the
 back-end's +OK the session is a plain byte relay: POP3 needs no parsing there.
 """
 from __future__ import annotations
 
 import logging
 import re
-import socket
 import time
 
 from gateway import sasl
 from gateway import session as session_mod
-from gateway.pop3.backend import LineReader, LineTooLong, Pop3Backend
+from gateway.pop3 import backend
+from gateway.pop3.framer import LineFramer, TooLong
 from gateway.session import ClientGone, Failure
+from gateway.stream import DeadlineExceeded, PeerClosed, ReadError, ReadTimeout, StreamReader
 
 log = logging.getLogger("mailgate.pop3")
 
@@ -22,6 +23,11 @@ MAX_COMMAND = 255          # RFC 2449 §4: command lines, CRLF included
 MAX_AUTH_LINE = 8192       # RFC 5034 §4: SASL lines are not bound by the 255 octets
 MAX_BAD_COMMANDS = 10
 INACTIVITY = b"-ERR Disconnected for inactivity.\r\n"
+TOO_SLOW = b"-ERR Disconnected: login took too long.\r\n"
+# RFC 2449 CAPA before login: what a Dovecot back-end offers after it, so that clients
+# deciding from it (TOP, UIDL) get it right; STLS is added on STARTTLS listeners.
+PREAUTH_CAPA = ("TOP", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CODE", "SASL PLAIN LOGIN",
+                "USER", "IMPLEMENTATION mailgate")
 _QUIT_LINE = re.compile(rb"\nQUIT *\r?\n", re.IGNORECASE)
 
 ANSWERS = {
@@ -37,7 +43,8 @@ class Pop3Session(session_mod.Session):
     def __init__(self, service, client, address, listen):
         super().__init__(service, client, address, listen)
         self.settings = service.config.pop3
-        self.reader = LineReader(client, MAX_AUTH_LINE)
+        self.reader = StreamReader(client, LineFramer(MAX_AUTH_LINE), recv_size=4096,
+                                   on_bytes=self.count_in)
         self.user = ""
         self.bad_commands = 0
         self.backend_greeting = b""
@@ -51,26 +58,31 @@ class Pop3Session(session_mod.Session):
     internal_error_line = b"-ERR [SYS/TEMP] Internal error, closing connection.\r\n"
 
     def next_command(self) -> None:
-        try:
-            line = self.read_line()
-        except LineTooLong:
+        line = self.read_line()
+        if line is None:
             self.err("Line too long.")   # RFC 2449 §4: refused, and the session goes on
             return
         self.dispatch(line)
 
-    def read_line(self) -> bytes:
-        """One client line; LineTooLong when it was over MAX_AUTH_LINE (already dropped)."""
+    def count_in(self, size: int) -> None:
+        self.bytes_in += size
+
+    def read_line(self) -> bytes | None:
+        """One client line without its line end; None when it was over MAX_AUTH_LINE
+        (already dropped).  Time bounds and EOF end the session (ClientGone)."""
         try:
-            line = self.reader.read_line()
-        except socket.timeout:
+            event = self.reader.next_event()
+        except DeadlineExceeded:
+            self.try_send(TOO_SLOW)
+            raise ClientGone("login deadline") from None
+        except ReadTimeout:
             self.try_send(INACTIVITY)
             raise ClientGone("idle timeout before login") from None
-        except OSError as exc:
-            raise ClientGone(f"read error: {exc.strerror or exc}") from None
-        if line is None:
-            raise ClientGone("client closed")
-        self.bytes_in += len(line) + 2
-        return line
+        except PeerClosed:
+            raise ClientGone("client closed") from None
+        except ReadError as exc:
+            raise ClientGone(str(exc)) from None
+        return None if isinstance(event, TooLong) else event.text
 
     # -- commands ---------------------------------------------------------------------------------
 
@@ -93,8 +105,7 @@ class Pop3Session(session_mod.Session):
             raise ClientGone("too many invalid commands")
 
     def cmd_CAPA(self, argument: str) -> None:
-        lines = ["+OK Capability list follows", "USER", "SASL PLAIN", "RESP-CODES",
-                 "PIPELINING", "AUTH-RESP-CODE", "IMPLEMENTATION mailgate"]
+        lines = ["+OK Capability list follows", *PREAUTH_CAPA]
         if self.listen.tls == "starttls":
             lines.append("STLS")
         self.send("\r\n".join(lines + ["."]).encode() + b"\r\n")
@@ -134,38 +145,69 @@ class Pop3Session(session_mod.Session):
 
     def cmd_AUTH(self, argument: str) -> None:
         mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
         if not mechanism:
-            self.send(b"+OK\r\nPLAIN\r\n.\r\n")
+            self.send(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n")
             return
-        if mechanism.upper() != "PLAIN":
+        if mechanism == "PLAIN":
+            self.auth_plain(initial.encode("ascii", "replace") if initial else None)
+        elif mechanism == "LOGIN":
+            self.auth_login(initial.encode("ascii", "replace") if initial else None)
+        else:
             self.err("Unsupported authentication mechanism.")
-            return
-        if not initial:
-            self.send(b"+ \r\n")
-            try:
-                initial = self.read_line().decode("ascii", "replace")
-            except LineTooLong:
-                self.err("Line too long.")
+
+    def auth_plain(self, response: bytes | None) -> None:
+        if response is None:
+            response = self.sasl_answer(b"")
+            if response is None:
                 return
-            if initial == "*":
-                self.err("Authentication cancelled.")
-                return
-        credentials = sasl.decode_plain(initial.encode("ascii", "replace"))
+        credentials = sasl.decode_plain(response)
         if credentials is None:
             self.err("Invalid SASL PLAIN response.")
             return
         authzid, authcid, password = credentials
         self.login(sasl.login_identity(authzid, authcid), password, "PLAIN")
 
+    def auth_login(self, response: bytes | None) -> None:
+        """The LOGIN mechanism: user name, then password, each base64 (RFC 5034 allows the
+        user name as the initial response)."""
+        if response is None:
+            response = self.sasl_answer(sasl.LOGIN_USERNAME)
+            if response is None:
+                return
+        user = sasl.decode_login_step(response)
+        if not user:
+            self.err("Invalid SASL LOGIN response.")
+            return
+        response = self.sasl_answer(sasl.LOGIN_PASSWORD)
+        if response is None:
+            return
+        password = sasl.decode_login_step(response)
+        if password is None:
+            self.err("Invalid SASL LOGIN response.")
+            return
+        self.login(user, password, "LOGIN")
+
+    def sasl_answer(self, challenge: bytes) -> bytes | None:
+        """Send a challenge, read the answer; None when already answered (cancel, too long)."""
+        self.send(b"+ " + challenge + b"\r\n")
+        line = self.read_line()
+        if line is None:
+            self.err("Line too long.")
+            return None
+        if line == b"*":
+            self.err("Authentication cancelled.")
+            return None
+        return line
+
     # -- login ------------------------------------------------------------------------------------
 
-    def backend_login(self, target, password: str, mechanism: str):
-        backend = Pop3Backend(self.backend, target.backend.name, target.backend.connect_timeout)
-        backend.greet()
-        backend.forward_client(self.client_address, self.client_port, self.id)
-        self.backend.settimeout(target.backend.login_timeout)
-        answer = backend.login(target.login_name, password)
-        return answer, backend.reader.take()
+    def open_backend(self, target, password: str, mechanism: str):
+        connection, answer = backend.open_backend(
+            target, password, (self.client_address, self.client_port, self.id))
+        self.backend_sock = connection.sock
+        self.backend_name = connection.name
+        return answer, connection.reader.leftover()
 
     def answer_success(self, result) -> None:
         answer, pending = result
@@ -182,7 +224,7 @@ class Pop3Session(session_mod.Session):
     client_tail = b"\n"     # the end of what the client sent, to find QUIT across chunks
 
     def proxy(self) -> None:
-        pending_up = self.reader.take()
+        pending_up = self.reader.leftover()
         self.reader = None                       # pre-auth state is not kept for the session
         self.last_activity = time.monotonic()   # the idle clock starts at login
         self.hand_over(pending_up, self.backend_pending, self.watch_quit)

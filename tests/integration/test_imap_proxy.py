@@ -46,7 +46,8 @@ def test_greeting_and_preauth_capabilities(gateway):
     raw.send(b"a CAPABILITY\r\nb NOOP\r\nc SELECT INBOX\r\nd LOGOUT\r\n")
     lines = raw.until_tagged(b"d")
     caps = lines[0].split()
-    assert set(caps[2:]) == {b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"AUTH=PLAIN"}
+    assert set(caps[2:]) == {b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"AUTH=PLAIN",
+                             b"AUTH=LOGIN"}
     assert lines[1].startswith(b"a OK")
     assert lines[2].startswith(b"b OK")
     assert lines[3].startswith(b"c BAD")

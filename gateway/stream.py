@@ -1,0 +1,139 @@
+"""The one socket reader: bytes from a socket, cut into events by a pure framer.
+
+Used by both protocols and both sides (client before login, back-end during login, the
+routing relay's links).  It carries the bounds every read must have:
+
+* time: the socket's idle timeout per read, and an optional total ``deadline`` (a
+  ``time.monotonic()`` value) for a whole phase, so a peer sending one byte a second cannot
+  stretch a phase for ever (slowloris);
+* size: the framer bounds lines and literals; the reader holds at most one ``recv`` worth of
+  unframed bytes;
+* fairness: a peer whose bytes are always ready would never let gevent switch, so the reader
+  yields to the hub after ``PACE_SECONDS`` of work (the worker's other sessions and its
+  heartbeat keep running).
+
+Bytes are framed lazily, one line (or one literal's worth) at a time, only when an event is
+asked for, so whatever the owner has not asked for yet is still raw: ``leftover()`` hands it
+to a relay unframed (e.g. an APPEND pipelined after LOGIN is not judged by pre-login limits).
+
+The framer is any object with ``feed(bytes) -> list[event]`` and ``pending() -> bytes``
+(gateway.imap.parser.Framer, gateway.pop3.framer.LineFramer); an ``in_literal`` attribute,
+when present, says how many payload bytes may be framed in one go.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+
+PACE_SECONDS = 0.002    # longest stretch of reading before the loop is given back
+
+
+class ReadError(Exception):
+    """The read could not complete; ``str()`` is the reason for the session log."""
+
+
+class PeerClosed(ReadError):
+    """The peer closed the connection."""
+
+
+class ReadTimeout(ReadError):
+    """No byte within the socket's timeout (the idle bound)."""
+
+
+class DeadlineExceeded(ReadTimeout):
+    """The phase's total deadline passed (the total bound)."""
+
+
+def _yield_to_hub() -> None:
+    import gevent     # imported here: the master (which never imports gevent) loads config only
+    gevent.sleep(0)
+
+
+class StreamReader:
+    """Events from ``sock`` through ``framer``; see the module docstring for the bounds.
+
+    ``next_event()`` returns the next framer event or raises ReadError (timeouts, EOF,
+    socket errors) or the framer's own error (a ParseError for IMAP).  ``on_bytes(n)``, if
+    given, is called with the size of every chunk received (byte counters, activity).
+    """
+
+    def __init__(self, sock, framer, recv_size: int = 16384, on_bytes=None):
+        self.sock = sock
+        self.framer = framer
+        self.recv_size = recv_size
+        self.on_bytes = on_bytes
+        self.deadline: float | None = None
+        self.idle_timeout: float | None = sock.gettimeout() if sock is not None else None
+        self.events: deque = deque()
+        self.raw = b""          # received, not yet framed
+        self.raw_pos = 0
+        self.paced_at = time.monotonic()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def next_event(self):
+        """The next event; reads the socket only when nothing is buffered."""
+        while not self.events:
+            if self.raw_pos < len(self.raw):
+                self._frame_more()
+            else:
+                self._receive()
+        self._pace()
+        return self.events.popleft()
+
+    def has_buffered(self) -> bool:
+        """Whether an event or unframed bytes are waiting (no read needed to go on)."""
+        return bool(self.events) or self.raw_pos < len(self.raw)
+
+    def _frame_more(self) -> None:
+        """Feed the framer one line, or one literal's worth of bytes, from the raw buffer."""
+        start = self.raw_pos
+        in_literal = getattr(self.framer, "in_literal", 0)
+        if in_literal:
+            stop = min(len(self.raw), start + in_literal)
+        else:
+            newline = self.raw.find(b"\n", start)
+            stop = len(self.raw) if newline < 0 else newline + 1
+        self.raw_pos = stop
+        piece = self.raw if start == 0 and stop == len(self.raw) else self.raw[start:stop]
+        self.events.extend(self.framer.feed(piece))
+
+    def _receive(self) -> None:
+        timeout = self.idle_timeout
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("deadline passed")
+            timeout = left if timeout is None else min(timeout, left)
+        try:
+            self.sock.settimeout(timeout)
+            data = self.sock.recv(self.recv_size)
+        except socket.timeout:
+            if self.deadline is not None and time.monotonic() >= self.deadline - 0.001:
+                raise DeadlineExceeded("deadline passed") from None
+            raise ReadTimeout("timed out") from None
+        except OSError as exc:
+            raise ReadError(f"read error: {exc.strerror or exc}") from None
+        if not data:
+            raise PeerClosed("closed the connection")
+        if self.on_bytes is not None:
+            self.on_bytes(len(data))
+        self.raw, self.raw_pos = data, 0
+
+    def _pace(self) -> None:
+        now = time.monotonic()
+        if now - self.paced_at >= PACE_SECONDS:
+            _yield_to_hub()
+            self.paced_at = time.monotonic()
+
+    # -- handing over -------------------------------------------------------------------------
+
+    def leftover(self) -> bytes:
+        """Everything received and not yet taken as an event, in stream order, and forget it:
+        the bytes a relay must forward first."""
+        data = b"".join(e.data for e in self.events) + self.framer.pending() + \
+            self.raw[self.raw_pos:]
+        self.events.clear()
+        self.raw, self.raw_pos = b"", 0
+        return data
