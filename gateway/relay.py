@@ -9,7 +9,9 @@ Data moves through one buffer per worker (callbacks run to completion, so they n
 it at the same time); only what the other side cannot take at once is copied, and while it
 waits the reading side is paused, so a slow reader holds at most one chunk per direction —
 a 50 MB literal streams through in bounded memory.  An optional ``observe(buffer, size)``
-sees every chunk the client sends before it is forwarded (the IMAP tracker).
+sees every chunk the client sends before it is forwarded (the IMAP tracker); an optional
+``rewrite(view, size)`` returns what to send for a chunk the back-end sent (IMAP's capability
+filter: it returns the view itself while it has nothing to do).
 """
 from __future__ import annotations
 
@@ -79,7 +81,11 @@ class _Direction:
         else:
             session.bytes_out += size
             relay.tail = bytes(_view[max(0, size - 64):size])
-        data = _view[:size]
+        if self.upward or relay.rewrite is None:
+            data = _view[:size]
+        else:
+            data = relay.rewrite(_view, size)
+            size = len(data)
         try:
             sent = self.dst.send(data)
         except BlockingIOError:
@@ -122,13 +128,15 @@ class Relay:
     say goodbye with ``send_to_client``).
     """
 
-    __slots__ = ("session", "client", "backend", "up", "down", "observe", "tail", "done")
+    __slots__ = ("session", "client", "backend", "up", "down", "observe", "rewrite", "tail",
+                 "done")
 
-    def __init__(self, session, client, backend, observe=None):
+    def __init__(self, session, client, backend, observe=None, rewrite=None):
         self.session = session
         self.client = _raw(client)
         self.backend = _raw(backend)
         self.observe = observe
+        self.rewrite = rewrite
         self.tail = b""          # the back-end's last bytes (did it say goodbye?)
         self.done = False
         self.up = _Direction(self, self.client, self.backend, True)

@@ -193,7 +193,8 @@ class Session:
 
     relay = None
 
-    def hand_over(self, client_pending: bytes, backend_pending: bytes, observe=None) -> None:
+    def hand_over(self, client_pending: bytes, backend_pending: bytes, observe=None,
+                  rewrite=None) -> None:
         """Forward what was read ahead, then give both sockets to the event-loop relay.
 
         The session's greenlet ends after this; the relay calls relay_ended() and then
@@ -211,7 +212,7 @@ class Session:
         except OSError as exc:
             self.end(f"backend write error: {exc.strerror or exc}")
             return
-        self.relay = Relay(self, self.client, self.backend_sock, observe)
+        self.relay = Relay(self, self.client, self.backend_sock, observe, rewrite)
         self.client = self.backend_sock = None
         self.relay.start()
 

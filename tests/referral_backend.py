@@ -68,8 +68,13 @@ class ReferralBackend:
                  public_prefix: str = "public/", public_folders=(),
                  referral_host: str | None = None, referral_port: int | None = None,
                  idle_timeout: float = 600.0, home_timeout: float = 10.0,
-                 dead_replicas: tuple = ()):
+                 dead_replicas: tuple = (), greeting_referral: str = "",
+                 login_referral: str = ""):
         self.home = home
+        # RFC 2221 forms Dovecot cannot produce: "* BYE [REFERRAL url]" as the greeting, and
+        # "tag OK [REFERRAL url]" for a successful login (this server stays usable).
+        self.greeting_referral = greeting_referral
+        self.login_referral = login_referral
         self.dead_replicas = list(dead_replicas)   # (host, port) named before the real one
         self.remote_host = remote_host
         self.remote_port = remote_port
@@ -266,6 +271,10 @@ class _Session(threading.Thread):
 
     def run(self) -> None:
         try:
+            if self.backend.greeting_referral:
+                self.reply(b"* BYE [REFERRAL %s] Try there\r\n"
+                           % self.backend.greeting_referral.encode())
+                return
             home = self.backend.home
             self.home_sock = socket.create_connection((home.host, home.imap_port),
                                                       timeout=self.backend.home_timeout)
@@ -484,7 +493,11 @@ class _Session(threading.Thread):
             self.reply(first)   # Dovecot's own NO/BAD, verbatim
             return
         self.user = user if user is not None else _plain_user(sasl)
-        self.reply(f"{tag} OK [CAPABILITY {LOGGED_IN_CAPABILITIES}] Logged in\r\n".encode())
+        if self.backend.login_referral:
+            self.reply(f"{tag} OK [REFERRAL {self.backend.login_referral}] Logged in, but "
+                       "try there\r\n".encode())
+        else:
+            self.reply(f"{tag} OK [CAPABILITY {LOGGED_IN_CAPABILITIES}] Logged in\r\n".encode())
         self.copier = threading.Thread(target=self.copy_home, daemon=True,
                                        name=f"{self.name}-copier")
         self.copier.start()

@@ -36,6 +36,12 @@ def filter_capabilities(words: tuple[str, ...], keep: tuple[str, ...] = ()) -> b
                     if c.upper() in keep or not c.upper().startswith(POSTAUTH_DROP)).encode()
 
 
+def filter_capability_line(line: bytes, keep: tuple[str, ...] = ()) -> bytes:
+    """A back-end's ``* CAPABILITY ...`` line as the client may see it (filter_capabilities)."""
+    words = tuple(line[13:].decode("ascii", "replace").split())
+    return b"* CAPABILITY " + filter_capabilities(words, keep) + b"\r\n"
+
+
 @functools.lru_cache(maxsize=64)
 def _parse_capabilities(text: str) -> tuple[tuple[str, ...], frozenset[str]]:
     return tuple(text.split()), frozenset(parser.capabilities(text))

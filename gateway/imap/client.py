@@ -17,7 +17,7 @@ from gateway.imap import login, parser, referrals
 from gateway.imap.backend import filter_capabilities
 from gateway.imap.parser import Atom, Line
 from gateway.imap.reader import ImapReader, LiteralRefused, TooLarge
-from gateway.imap.tracker import CommandTracker
+from gateway.imap.tracker import CapabilityFilter, CommandTracker
 from gateway.session import ClientGone, Failure, LoginError
 from gateway.stream import DeadlineExceeded, ReadError, ReadTimeout
 
@@ -282,12 +282,15 @@ class ImapSession(session_mod.Session):
     def answer_success(self, result) -> None:
         connection, answer = result
         self.home = connection
-        keep = ("MAILBOX-REFERRALS",) if self.service.config.referrals.pass_to_capable_clients else ()
-        capabilities = filter_capabilities(connection.capability_words, keep)
+        capabilities = filter_capabilities(connection.capability_words, self.capabilities_kept())
         text = answer.text or "Logged in"
         self.send(self.login_tag.encode() + b" OK [CAPABILITY " + capabilities +
                   b"] " + text.encode("utf-8", "replace") + b"\r\n")
         self.backend_pending = connection.take_pending()
+
+    def capabilities_kept(self) -> tuple[str, ...]:
+        """Back-end capabilities shown although the gateway handles them (README: referrals)."""
+        return ("MAILBOX-REFERRALS",) if self.service.config.referrals.pass_to_capable_clients else ()
 
     def answer_failure(self, failure: Failure) -> None:
         self.send(self.login_tag.encode() + b" " + ANSWERS[failure] + b"\r\n")
@@ -311,7 +314,8 @@ class ImapSession(session_mod.Session):
         self.tracker = CommandTracker()
         pending_up = self.reader.leftover()
         self.reader = None                      # pre-auth state is not kept for the session
-        self.hand_over(pending_up, self.backend_pending, self.tracker.observe)
+        self.hand_over(pending_up, self.backend_pending, self.tracker.observe,
+                       CapabilityFilter(self.tracker, self.capabilities_kept()))
 
     def proxy_with_referrals(self) -> None:
         """The home back-end may refer mailboxes elsewhere: the routing relay follows them."""

@@ -20,7 +20,7 @@ import gevent
 
 from gateway.imap import parser, referrals, urls
 from gateway.imap import login
-from gateway.imap.backend import BackendConnection
+from gateway.imap.backend import BackendConnection, filter_capability_line
 from gateway.imap.parser import Atom, Framer, Line, LiteralChunk, Response
 from gateway.imap.links import Head, Link, LinkDown, encode_tokens, with_marker
 from gateway.imap.remote_copy import cross_server_copy
@@ -261,6 +261,9 @@ class RoutingRelay:
             if not (continuation or self.passthrough) and line.startswith(b"* ") \
                     and b"[REFERRAL " in line[:40].upper():
                 line = re.sub(rb"\[REFERRAL [^]]*\] ?", b"", line, flags=re.I)
+            if not continuation and line[:13].upper() == b"* CAPABILITY ":
+                line = filter_capability_line(
+                    line, ("MAILBOX-REFERRALS",) if self.allow_passthrough else ())
             self.to_client(line)
             continuation = event.literal is not None
 

@@ -124,3 +124,25 @@ def test_referral_to_a_host_not_allowed_is_refused_and_gets_no_credentials(
     assert error.startswith(b"[UNAVAILABLE]")
     assert tripwire.seen == []
     assert "host not allowed" in referral_gateway.log_text()
+
+
+def test_max_hops_cuts_off_a_longer_chain(tmp_path_factory, redis_server, referral_dovecots):
+    """far@ needs two hops (R1 → R2 → home); with max_hops = 1 the second is not followed."""
+    home, r1, r2, _ = referral_dovecots
+    gateway = servers.GatewayProcess(
+        tmp_path_factory.mktemp("ref-hops"), redis_url=redis_server.allocate_db(),
+        backends={name: (s.host, s.imap_port, s.pop3_port)
+                  for name, s in (("HOME", home), ("R1", r1), ("R2", r2))},
+        sections={"referrals": {"max_hops": 1}})
+    try:
+        gateway.start()
+        gateway.route({"far@example.com": "R1", "ref@example.com": "R1"})
+        client, error = login(gateway, "far@example.com")
+        assert client is None and error.startswith(b"[UNAVAILABLE]")
+        assert b"REFERRAL" not in error
+        assert "(not followed)" in gateway.log_text()
+        client, error = login(gateway, "ref@example.com")     # one hop is still fine
+        assert error is None
+        client.logout()
+    finally:
+        gateway.stop()
