@@ -158,12 +158,18 @@ def test_literal8_is_refused_in_login(bounded_gateway, marker):
 
 
 def test_an_over_long_auth_plain_is_an_authentication_failure(bounded_gateway):
+    """Item 9: a 12000-byte password (Dovecot's auth process drops such a request, which
+    was answered NO [UNAVAILABLE]) is a failed login like any wrong password."""
+    token = base64.b64encode(b"\0" + USER.encode() + b"\0" + b"p" * 12000)
     raw = ImapRaw(bounded_gateway.imap_port)
-    token = base64.b64encode(b"\0" + USER.encode() + b"\0" + b"p" * 6000)
     raw.send(b"a AUTHENTICATE PLAIN " + token + b"\r\n")
     assert raw.line().startswith(b"a NO [AUTHENTICATIONFAILED]")
-    pop = Pop3Raw(bounded_gateway.pop3_port)
-    pop.send(b"AUTH PLAIN " + token + b"\r\n")
+    raw.send(b"b AUTHENTICATE PLAIN\r\n")
+    assert raw.line().startswith(b"+")
+    raw.send(token + b"\r\n")
+    assert raw.line().startswith(b"b NO [AUTHENTICATIONFAILED]")
+    pop = Pop3Raw(bounded_gateway.pop3_port)     # a POP3 line stays under its 8192 bytes
+    pop.send(b"AUTH PLAIN " + base64.b64encode(b"\0bob@example.com\0" + b"p" * 5000) + b"\r\n")
     assert pop.line().startswith(b"-ERR [AUTH]")
 
 
