@@ -43,3 +43,38 @@ def decode_login_step(response: bytes) -> str | None:
         return base64.b64decode(response, validate=True).decode("utf-8")
     except (binascii.Error, UnicodeError, ValueError):
         return None
+
+
+MECHANISMS = ("PLAIN", "LOGIN")
+
+
+class Malformed(ValueError):
+    """A SASL answer that cannot be decoded; ``str()`` is the text for the client."""
+
+
+def exchange(mechanism: str, initial: bytes | None, ask) -> tuple[str, str] | None:
+    """Run one of MECHANISMS to its end: (login name to route, password), or None when
+    ``ask`` gave up (the client cancelled; ``ask`` answered it already).
+
+    ``initial`` is the client's initial response, if any (RFC 4959 / RFC 5034);
+    ``ask(challenge)`` sends a base64 challenge and returns the client's answer line or None.
+    Raises Malformed.
+    """
+    if mechanism == "PLAIN":
+        response = initial if initial is not None else ask(b"")
+        if response is None:
+            return None
+        credentials = decode_plain(response)   # RFC 4959's "=" (empty) is malformed too
+        if credentials is None:
+            raise Malformed("Invalid SASL PLAIN response.")
+        authzid, authcid, password = credentials
+        return login_identity(authzid, authcid), password
+    response = initial if initial is not None else ask(LOGIN_USERNAME)
+    user = None if response is None else decode_login_step(response)
+    if response is not None and not user:
+        raise Malformed("Invalid SASL LOGIN response.")
+    response = ask(LOGIN_PASSWORD) if user else None
+    password = None if response is None else decode_login_step(response)
+    if response is not None and password is None:
+        raise Malformed("Invalid SASL LOGIN response.")
+    return (user, password) if password is not None else None

@@ -190,47 +190,18 @@ class ImapSession(session_mod.Session):
             self.bad(command.tag, "AUTHENTICATE needs a mechanism.")
             return
         mechanism = args[0].upper()
-        if mechanism not in ("PLAIN", "LOGIN"):
+        if mechanism not in sasl.MECHANISMS:
             self.reply(command.tag, "NO Unsupported authentication mechanism.")
             return
-        # RFC 4959 initial response ("=" is empty); else the first challenge.
-        initial = _text(args[1]).encode() if len(args) == 2 else None
-        if mechanism == "PLAIN":
-            self.authenticate_plain(command.tag, initial)
-        else:
-            self.authenticate_login(command.tag, initial)
-
-    def authenticate_plain(self, tag: str, response: bytes | None) -> None:
-        if response is None:
-            response = self.sasl_answer(tag, b"")
-            if response is None:
-                return
-        credentials = sasl.decode_plain(response)   # RFC 4959's "=" (empty) is malformed too
-        if credentials is None:
-            self.bad(tag, "Invalid SASL PLAIN response.")
+        initial = _text(args[1]).encode() if len(args) == 2 else None   # RFC 4959 SASL-IR
+        try:
+            found = sasl.exchange(mechanism, initial,
+                                  lambda challenge: self.sasl_answer(command.tag, challenge))
+        except sasl.Malformed as exc:
+            self.bad(command.tag, str(exc))
             return
-        authzid, authcid, password = credentials
-        self.login_command(tag, sasl.login_identity(authzid, authcid), password, "PLAIN")
-
-    def authenticate_login(self, tag: str, response: bytes | None) -> None:
-        """The LOGIN mechanism: a user name, then a password, each base64 (a client may send
-        the user name as the initial response)."""
-        if response is None:
-            response = self.sasl_answer(tag, sasl.LOGIN_USERNAME)
-            if response is None:
-                return
-        user = sasl.decode_login_step(response)
-        if not user:
-            self.bad(tag, "Invalid SASL LOGIN response.")
-            return
-        response = self.sasl_answer(tag, sasl.LOGIN_PASSWORD)
-        if response is None:
-            return
-        password = sasl.decode_login_step(response)
-        if password is None:
-            self.bad(tag, "Invalid SASL LOGIN response.")
-            return
-        self.login_command(tag, user, password, "LOGIN")
+        if found is not None:
+            self.login_command(command.tag, *found, mechanism)
 
     def sasl_answer(self, tag: str, challenge: bytes) -> bytes | None:
         """Send a challenge and read the client's answer line; None when the client cancelled

@@ -147,46 +147,20 @@ class Pop3Session(session_mod.Session):
         mechanism, _, initial = argument.partition(" ")
         mechanism = mechanism.upper()
         if not mechanism:
-            self.send(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n")
+            self.send(b"+OK\r\n" + b"".join(m.encode() + b"\r\n" for m in sasl.MECHANISMS) +
+                      b".\r\n")
             return
-        if mechanism == "PLAIN":
-            self.auth_plain(initial.encode("ascii", "replace") if initial else None)
-        elif mechanism == "LOGIN":
-            self.auth_login(initial.encode("ascii", "replace") if initial else None)
-        else:
+        if mechanism not in sasl.MECHANISMS:
             self.err("Unsupported authentication mechanism.")
-
-    def auth_plain(self, response: bytes | None) -> None:
-        if response is None:
-            response = self.sasl_answer(b"")
-            if response is None:
-                return
-        credentials = sasl.decode_plain(response)
-        if credentials is None:
-            self.err("Invalid SASL PLAIN response.")
             return
-        authzid, authcid, password = credentials
-        self.login(sasl.login_identity(authzid, authcid), password, "PLAIN")
-
-    def auth_login(self, response: bytes | None) -> None:
-        """The LOGIN mechanism: user name, then password, each base64 (RFC 5034 allows the
-        user name as the initial response)."""
-        if response is None:
-            response = self.sasl_answer(sasl.LOGIN_USERNAME)
-            if response is None:
-                return
-        user = sasl.decode_login_step(response)
-        if not user:
-            self.err("Invalid SASL LOGIN response.")
+        try:
+            found = sasl.exchange(mechanism, initial.encode("ascii", "replace") if initial else None,
+                                  self.sasl_answer)
+        except sasl.Malformed as exc:
+            self.err(str(exc))
             return
-        response = self.sasl_answer(sasl.LOGIN_PASSWORD)
-        if response is None:
-            return
-        password = sasl.decode_login_step(response)
-        if password is None:
-            self.err("Invalid SASL LOGIN response.")
-            return
-        self.login(user, password, "LOGIN")
+        if found is not None:
+            self.login(*found, mechanism)
 
     def sasl_answer(self, challenge: bytes) -> bytes | None:
         """Send a challenge, read the answer; None when already answered (cancel, too long)."""

@@ -54,14 +54,20 @@ def referral_dovecots(tmp_path_factory):
             server.stop()
 
 
-@pytest.fixture(scope="module")
-def referral_gateway(tmp_path_factory, redis_server, referral_dovecots):
+def referral_gateway_process(tmp_path_factory, redis_server, referral_dovecots,
+                             max_hops: int) -> servers.GatewayProcess:
+    """A gateway (not started) with HOME, R1 and R2 as back-ends."""
     home, r1, r2, _ = referral_dovecots
-    gateway = servers.GatewayProcess(
+    return servers.GatewayProcess(
         tmp_path_factory.mktemp("ref-gateway"), redis_url=redis_server.allocate_db(),
         backends={name: (s.host, s.imap_port, s.pop3_port)
                   for name, s in (("HOME", home), ("R1", r1), ("R2", r2))},
-        sections={"referrals": {"max_hops": 3}})
+        sections={"referrals": {"max_hops": max_hops}})
+
+
+@pytest.fixture(scope="module")
+def referral_gateway(tmp_path_factory, redis_server, referral_dovecots):
+    gateway = referral_gateway_process(tmp_path_factory, redis_server, referral_dovecots, 3)
     try:
         gateway.start()
         gateway.route({user: "R1" for user in USERS})
@@ -128,12 +134,7 @@ def test_referral_to_a_host_not_allowed_is_refused_and_gets_no_credentials(
 
 def test_max_hops_cuts_off_a_longer_chain(tmp_path_factory, redis_server, referral_dovecots):
     """far@ needs two hops (R1 → R2 → home); with max_hops = 1 the second is not followed."""
-    home, r1, r2, _ = referral_dovecots
-    gateway = servers.GatewayProcess(
-        tmp_path_factory.mktemp("ref-hops"), redis_url=redis_server.allocate_db(),
-        backends={name: (s.host, s.imap_port, s.pop3_port)
-                  for name, s in (("HOME", home), ("R1", r1), ("R2", r2))},
-        sections={"referrals": {"max_hops": 1}})
+    gateway = referral_gateway_process(tmp_path_factory, redis_server, referral_dovecots, 1)
     try:
         gateway.start()
         gateway.route({"far@example.com": "R1", "ref@example.com": "R1"})
