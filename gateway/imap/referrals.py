@@ -93,8 +93,29 @@ def follow(first: Target, open_target, policy: ReferralPolicy, session_id: str):
     ``max_hops``, never to the same host:port twice (loop), only to allowed hosts; the
     replicas of one referral are tried in order while they are unavailable.
     """
+    kept: list = []      # the first OK [REFERRAL] login, (connection, answer), if any
+    try:
+        result, last_error = _walk(first, open_target, policy, session_id, kept)
+    except BaseException:           # e.g. the client hung up: no connection stays open
+        for connection, _ in kept:
+            connection.close()
+        raise
+    if result is not None:
+        for connection, _ in kept:
+            connection.close()
+        return result
+    if kept:
+        log.info("session=%s referral not followed (%s): staying logged in where referred",
+                 session_id, last_error.detail)
+        return kept[0]
+    raise last_error
+
+
+def _walk(first: Target, open_target, policy: ReferralPolicy, session_id: str,
+          kept: list) -> tuple[object, LoginError | None]:
+    """follow()'s loop: (result, None) on success, else (None, the last failure)."""
     queue, visited, hops = [first], set(), 0
-    kept, last_error = None, None
+    last_error = LoginError(Failure.UNAVAILABLE, "no target")
     while queue:
         target = queue.pop(0)
         key = (target.config.address.lower(), target.config.imap_port)
@@ -103,30 +124,20 @@ def follow(first: Target, open_target, policy: ReferralPolicy, session_id: str):
             continue
         visited.add(key)
         try:
-            result = open_target(target)
+            return open_target(target), None
         except Referred as referred:
             hops += 1
             if referred.kept is not None:
-                if kept is None:
-                    kept = referred.kept       # the first working login is the fallback
-                else:
+                if kept:
                     referred.kept[0].close()
+                else:
+                    kept.append(referred.kept)    # the first working login is the fallback
             if not policy.settings.follow or hops > policy.settings.max_hops:
-                last_error = LoginError(Failure.UNAVAILABLE, f"{referred.detail} (not followed)")
-                break
+                return None, LoginError(Failure.UNAVAILABLE, f"{referred.detail} (not followed)")
             queue = policy.targets(referred.urls, target.login_name, session_id)
             last_error = LoginError(Failure.UNAVAILABLE, f"{referred.detail}: no allowed target")
-            continue
         except LoginError as exc:
             last_error = exc
             if exc.failure is not Failure.UNAVAILABLE:
                 break        # a refused password is not retried at a replica
-            continue
-        if kept is not None:
-            kept[0].close()
-        return result
-    if kept is not None:
-        log.info("session=%s referral not followed (%s): staying logged in where referred",
-                 session_id, last_error.detail if last_error else "-")
-        return kept
-    raise last_error
+    return None, last_error

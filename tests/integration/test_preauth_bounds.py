@@ -24,13 +24,15 @@ def bounded_gateway(make_gateway):
                                   "pop3": {"login_deadline": 3}})
 
 
-def test_a_flooding_client_does_not_freeze_its_worker(bounded_gateway):
-    """Item 1: one client pipelining NOOPs as fast as it can; another client of the same
-    (single) worker keeps getting answers, and the worker is not killed by the heartbeat."""
+@pytest.mark.parametrize("protocol", ["imap", "pop3"])
+def test_a_flooding_client_does_not_freeze_its_worker(bounded_gateway, protocol):
+    """Item 1: one client pipelining NOOPs (POP3: CAPA) as fast as it can; another client of
+    the same (single) worker keeps getting answers, and the heartbeat does not kill it."""
     pids = bounded_gateway.worker_pids()
     stop = threading.Event()
-    flood = socket.create_connection(("127.0.0.1", bounded_gateway.imap_port), timeout=10)
-    burst = b"a NOOP\r\n" * 4096
+    port = bounded_gateway.imap_port if protocol == "imap" else bounded_gateway.pop3_port
+    flood = socket.create_connection(("127.0.0.1", port), timeout=10)
+    burst = (b"a NOOP\r\n" if protocol == "imap" else b"CAPA\r\n") * 4096
 
     def flooding() -> None:
         reader = threading.Thread(target=lambda: _drain(flood, stop), daemon=True)
@@ -251,3 +253,37 @@ def test_a_backend_pointing_at_the_gateway_itself_ends_in_unavailable(make_gatew
     log = gateway.log_text()
     assert log.count("proxy TTL reached zero") == 1
     assert log.count("login failed") <= 6
+
+
+def test_a_client_hanging_up_during_the_backend_login_closes_it(make_gateway):
+    """Item 5: the back-end is slow to greet; the client leaves; the back-end connection is
+    closed at once, not when the back-end answers or its (long) timeouts run out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    accepted, closed = threading.Event(), threading.Event()
+
+    def silent() -> None:
+        conn, _ = listener.accept()
+        accepted.set()
+        conn.settimeout(60)
+        try:
+            if conn.recv(1) == b"":
+                closed.set()
+        except OSError:
+            closed.set()
+        finally:
+            conn.close()
+
+    threading.Thread(target=silent, daemon=True).start()
+    port = listener.getsockname()[1]
+    gateway = make_gateway(routes={"slow@example.com": "SLOW"}, backends={
+        "SLOW": {"address": "127.0.0.1", "imap_port": port, "pop3_port": port,
+                 "connect_timeout": 60, "login_timeout": 60}})
+    raw = ImapRaw(gateway.imap_port, timeout=30)
+    raw.send(b'a LOGIN "slow@example.com" "x"\r\n')
+    assert accepted.wait(10)
+    raw.close()
+    assert closed.wait(20)          # far below the back-end's 120 s of timeouts
+    assert wait_for_log(gateway, "end=client\\x20closed\\x20during\\x20the\\x20back-end\\x20login")
+    listener.close()

@@ -138,3 +138,19 @@ def test_follow_off_keeps_an_ok_referral_and_refuses_a_no_referral():
 def test_bye_referral_greeting_is_followed():
     opener, (connection, _) = run({"10.0.0.1": "bye-ref imap://10.0.0.4/", "10.0.0.4": "ok"})
     assert connection.where == "10.0.0.4"
+
+
+def test_an_exception_while_following_closes_the_kept_login():
+    class Gone(Exception):
+        pass
+
+    opener = FakeOpener({"10.0.0.1": "ok-ref imap://10.0.0.2/"})
+
+    def open_target(target):
+        if target.config.address == "10.0.0.2":
+            raise Gone()      # the client hung up while the referred login was on its way
+        return opener(target)
+
+    with pytest.raises(Gone):
+        follow(first(), open_target, policy(), "test")
+    assert opener.kept[0].closed
