@@ -41,10 +41,11 @@ class ReferralPolicy:
         self.settings = config.referrals
         self.by_address: dict[tuple[str, int], BackendConfig] = {}
         if self.settings.allow_backends:
-            for backend in config.backends.values():
-                self.by_address[(backend.address.lower(), backend.imap_port)] = backend
+            for backend_config in config.backends.values():
+                key = (backend_config.address.lower(), backend_config.imap_port)
+                self.by_address[key] = backend_config
 
-    def backend_for(self, url: urls.ImapUrl) -> BackendConfig | None:
+    def config_for(self, url: urls.ImapUrl) -> BackendConfig | None:
         """The back-end settings for an allowed URL's host, or None when it is not allowed."""
         known = self.by_address.get((url.host, url.port))
         if known is not None:
@@ -64,12 +65,12 @@ class ReferralPolicy:
                 log.warning("session=%s referral to %s:%d refused: mechanism %s cannot be replayed",
                             session_id, url.host, url.port, url.auth)
                 continue
-            backend = self.backend_for(url)
-            if backend is None:
+            backend_config = self.config_for(url)
+            if backend_config is None:
                 log.warning("session=%s referral to %s:%d refused: host not allowed",
                             session_id, url.host, url.port)
                 continue
-            found.append(Target(backend, url.user or login_name, url.mailbox))
+            found.append(Target(backend_config, url.user or login_name, url.mailbox))
         return found
 
 

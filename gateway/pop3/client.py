@@ -12,7 +12,7 @@ import time
 
 from gateway import sasl
 from gateway import session as session_mod
-from gateway.pop3 import backend
+from gateway.pop3 import login
 from gateway.pop3.framer import LineFramer, TooLong
 from gateway.session import ClientGone, Failure
 from gateway.stream import DeadlineExceeded, PeerClosed, ReadError, ReadTimeout, StreamReader
@@ -177,7 +177,7 @@ class Pop3Session(session_mod.Session):
     # -- login ------------------------------------------------------------------------------------
 
     def open_backend(self, target, password: str, mechanism: str):
-        connection, answer = backend.open_backend(
+        connection, answer = login.open_backend(
             target, password, (self.client_address, self.client_port, self.id))
         self.backend_sock = connection.sock
         self.backend_name = connection.name

@@ -1,0 +1,123 @@
+"""The one POP3 back-end login: greeting, CAPA, XCLIENT, the replayed login.
+
+Every line sent here is built by the gateway.  The login goes as SASL PLAIN (RFC 5034) when
+the back-end offers it: base64 carries any byte safely.  USER/PASS is the fallback, and only
+for credentials without CR, LF or NUL, so a client cannot append a second command.
+:func:`open_backend` bounds the whole phase (connect + greeting + login) by the back-end's
+connect_timeout + login_timeout.
+"""
+from __future__ import annotations
+
+import gevent
+
+from gateway import sasl, session
+from gateway.pop3.backend import BackendConnection
+from gateway.session import Failure, LoginError, Target
+
+MAX_CAPA_LINES = 100
+
+# RFC 2449 / RFC 3206 response codes on a failed login → how it failed.
+ERR_CODES = {"SYS/TEMP": Failure.UNAVAILABLE, "IN-USE": Failure.UNAVAILABLE,
+             "LOGIN-DELAY": Failure.UNAVAILABLE, "SYS/PERM": Failure.UNAVAILABLE,
+             "AUTH": Failure.AUTH_FAILED}
+
+
+def open_backend(target: Target, password: str, client_address: tuple[str, int, str]
+                 ) -> tuple[BackendConnection, bytes]:
+    """Connect to ``target`` and log in (:func:`log_in`) within connect_timeout +
+    login_timeout; returns the connection and the back-end's +OK line.  Raises LoginError."""
+    config = target.config
+    total = config.connect_timeout + config.login_timeout
+    with gevent.Timeout(total, LoginError(
+            Failure.UNAVAILABLE, f"backend {config.name}: no login answer within {total:g}s")):
+        sock = session.connect(config, "pop3")
+        return log_in(sock, target, password, client_address)
+
+
+def log_in(sock, target: Target, password: str, client_address: tuple[str, int, str]
+           ) -> tuple[BackendConnection, bytes]:
+    """Greet, tell the client's address (XCLIENT) and log in on ``sock``; the socket is
+    closed on any failure.  ``client_address`` is (address, port, session id)."""
+    connection = BackendConnection(sock, target)
+    try:
+        connection.reader.idle_timeout = target.config.connect_timeout
+        _greet(connection)
+        _forward_client(connection, *client_address)
+        connection.reader.idle_timeout = target.config.login_timeout
+        return connection, _login(connection, target.login_name, password)
+    except BaseException:
+        connection.close()
+        raise
+
+
+def _greet(connection: BackendConnection) -> None:
+    greeting = connection.read_line()
+    if not greeting.startswith(b"+OK"):
+        raise connection.fail(Failure.UNAVAILABLE, f"greeting {greeting[:80]!r}")
+    if greeting.startswith(b"+OK [XCLIENT]"):
+        # Dovecot announces XCLIENT to trusted networks in its greeting, not in CAPA.
+        connection.capabilities.add("XCLIENT")
+    connection.send(b"CAPA\r\n")
+    if connection.read_line().startswith(b"+OK"):
+        for _ in range(MAX_CAPA_LINES):
+            line = connection.read_line()
+            if line == b".":
+                break
+            connection.capabilities.add(line.decode("ascii", "replace").upper())
+
+
+def _forward_client(connection: BackendConnection, address: str, port: int,
+                    session_id: str) -> None:
+    """Dovecot's XCLIENT (trusted networks only): the back-end logs the real client."""
+    if not any(c.startswith("XCLIENT") for c in connection.capabilities):
+        return
+    if not _safe_token(address):
+        return
+    connection.send(f"XCLIENT ADDR={address} PORT={int(port)} SESSION={session_id}\r\n".encode())
+    answer = connection.read_line()
+    if not answer.startswith(b"+OK"):
+        raise connection.fail(Failure.UNAVAILABLE, f"XCLIENT refused: {answer[:80]!r}")
+
+
+def _login(connection: BackendConnection, login_name: str, password: str) -> bytes:
+    """Replay the login; returns the +OK line or raises LoginError."""
+    if connection.offers_plain():
+        token = sasl.encode_plain(login_name, password)
+        connection.send(b"AUTH PLAIN " + token + b"\r\n")
+        return _answer(connection, connection.read_line())
+    if not _safe_token(login_name, spaces=True) or not _safe_token(password, spaces=True):
+        raise connection.fail(Failure.AUTH_FAILED, "credentials unusable with USER/PASS")
+    user = b"USER " + login_name.encode() + b"\r\n"
+    secret = b"PASS " + password.encode() + b"\r\n"
+    pipelining = "PIPELINING" in connection.capabilities
+    if pipelining:
+        connection.send(user + secret)
+        user_answer = connection.read_line()
+    else:
+        connection.send(user)
+        user_answer = connection.read_line()
+        if user_answer.startswith(b"+OK"):
+            connection.send(secret)
+    if not user_answer.startswith(b"+OK"):
+        if pipelining:
+            connection.read_line()
+        return _answer(connection, user_answer)
+    return _answer(connection, connection.read_line())
+
+
+def _answer(connection: BackendConnection, line: bytes) -> bytes:
+    if line.startswith(b"+OK"):
+        return line
+    code = ""
+    if line.startswith(b"-ERR ["):
+        code = line[6:line.find(b"]")].decode("ascii", "replace").upper()
+    failure = ERR_CODES.get(code, Failure.AUTH_FAILED)
+    raise connection.fail(failure, f"login answer {line[:120]!r}")
+
+
+def _safe_token(value: str, spaces: bool = False) -> bool:
+    """No byte that could end a POP3 command line (CR, LF, NUL) nor other controls."""
+    forbidden = set(range(0x20)) | {0x7f}
+    if not spaces:
+        forbidden.add(0x20)
+    return bool(value) and not any(ord(ch) in forbidden for ch in value)
