@@ -19,7 +19,7 @@ from gateway.imap.parser import Atom, Line
 from gateway.imap.reader import ImapReader, LiteralRefused, TooLarge
 from gateway.imap.tracker import CapabilityFilter, CommandTracker
 from gateway.session import ClientGone, Failure, LoginError
-from gateway.stream import DeadlineExceeded, ReadError, ReadTimeout
+from gateway.stream import DeadlineExceeded, PeerClosed, ReadError, ReadTimeout
 
 log = logging.getLogger("mailgate.imap")
 
@@ -28,6 +28,18 @@ MAX_BAD_COMMANDS = 10      # then the connection is closed, as Dovecot does
 MAX_ARGS = 64
 PROXY_TTL = 5              # Dovecot's LOGIN_PROXY_TTL: proxies in a row before a loop is assumed
 _LITERAL8 = re.compile(rb"~\{\d+\+?\}\r?\n\Z")
+
+# A pre-login read that cannot go on → (the goodbye, the reason logged; "" = the error's text).
+READ_FAILURES = (
+    (DeadlineExceeded, b"* BYE Autologout; login took too long.\r\n", "login deadline"),
+    (ReadTimeout, b"* BYE Autologout; idle for too long.\r\n", "idle timeout before login"),
+    (PeerClosed, b"", "client closed"),
+    (ReadError, b"", ""),
+    (parser.LiteralTooLarge, b"* BYE [TOOBIG] Literal too large before login.\r\n", ""),
+    (TooLarge, b"* BYE [TOOBIG] Command too large before login.\r\n", ""),
+    (parser.LineTooLong, b"* BYE [TOOBIG] Command line too long.\r\n", ""),
+    (parser.ParseError, b"* BYE Protocol error.\r\n", ""),
+)
 
 ANSWERS = {
     Failure.AUTH_FAILED: b"NO [AUTHENTICATIONFAILED] Authentication failed.",
@@ -104,14 +116,7 @@ class ImapSession(session_mod.Session):
 
     def read_failed(self, exc: Exception) -> ClientGone:
         """The goodbye for a read that cannot go on, and the ClientGone that ends the session."""
-        goodbyes = ((DeadlineExceeded, b"* BYE Autologout; login took too long.\r\n", "login deadline"),
-                    (ReadTimeout, b"* BYE Autologout; idle for too long.\r\n", "idle timeout before login"),
-                    (ReadError, b"", ""),
-                    (parser.LiteralTooLarge, b"* BYE [TOOBIG] Literal too large before login.\r\n", ""),
-                    (TooLarge, b"* BYE [TOOBIG] Command too large before login.\r\n", ""),
-                    (parser.LineTooLong, b"* BYE [TOOBIG] Command line too long.\r\n", ""),
-                    (parser.ParseError, b"* BYE Protocol error.\r\n", ""))
-        for kind, line, reason in goodbyes:
+        for kind, line, reason in READ_FAILURES:
             if isinstance(exc, kind):
                 if line:
                     self.try_send(line)
