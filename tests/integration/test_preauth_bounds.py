@@ -207,36 +207,46 @@ def test_sasl_login_mechanism(bounded_gateway):
     assert pop.line().startswith(b"-ERR")
 
 
-def test_a_backend_that_trickles_cannot_hold_the_login(make_gateway):
-    """Item 5: a back-end sending one byte every 2 s; the login ends within the back-end's
-    connect_timeout + login_timeout with NO [UNAVAILABLE], and its connection is closed."""
+def slow_backend(make_gateway, serve, timeout: float):
+    """A gateway whose only back-end, SLOW (``timeout`` for connect and for login), is a
+    listener whose first connection ``serve(conn)`` handles in a thread."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        try:
+            serve(conn)
+        finally:
+            conn.close()
+            listener.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = listener.getsockname()[1]
+    return make_gateway(routes={"slow@example.com": "SLOW"}, backends={
+        "SLOW": {"address": "127.0.0.1", "imap_port": port, "pop3_port": port,
+                 "connect_timeout": timeout, "login_timeout": timeout}})
+
+
+def test_a_backend_that_trickles_cannot_hold_the_login(make_gateway):
+    """Item 5: a back-end sending one byte every 0.4 s; the login ends within the back-end's
+    connect_timeout + login_timeout with NO [UNAVAILABLE], and its connection is closed."""
     closed = threading.Event()
 
-    def trickle() -> None:
-        conn, _ = listener.accept()
+    def trickle(conn: socket.socket) -> None:
         try:
             for byte in b"* OK [CAPABILITY IMAP4rev1] slow\r\n" * 10:
                 conn.sendall(bytes([byte]))
                 time.sleep(0.4)
         except OSError:
             closed.set()
-        finally:
-            conn.close()
 
-    thread = threading.Thread(target=trickle, daemon=True)
-    thread.start()
-    port = listener.getsockname()[1]
-    gateway = make_gateway(routes={"slow@example.com": "SLOW"}, backends={
-        "SLOW": {"address": "127.0.0.1", "imap_port": port, "pop3_port": port,
-                 "connect_timeout": 1, "login_timeout": 1}})
+    gateway = slow_backend(make_gateway, trickle, 1)
     raw = ImapRaw(gateway.imap_port, timeout=30)
     raw.send(b'a LOGIN "slow@example.com" "x"\r\n')
     assert raw.line().startswith(b"a NO [UNAVAILABLE]")
     assert closed.wait(10)
-    listener.close()
 
 
 def test_a_backend_pointing_at_the_gateway_itself_ends_in_unavailable(make_gateway, monkeypatch):
@@ -258,13 +268,9 @@ def test_a_backend_pointing_at_the_gateway_itself_ends_in_unavailable(make_gatew
 def test_a_client_hanging_up_during_the_backend_login_closes_it(make_gateway):
     """Item 5: the back-end is slow to greet; the client leaves; the back-end connection is
     closed at once, not when the back-end answers or its (long) timeouts run out."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
     accepted, closed = threading.Event(), threading.Event()
 
-    def silent() -> None:
-        conn, _ = listener.accept()
+    def silent(conn: socket.socket) -> None:
         accepted.set()
         conn.settimeout(60)
         try:
@@ -272,18 +278,11 @@ def test_a_client_hanging_up_during_the_backend_login_closes_it(make_gateway):
                 closed.set()
         except OSError:
             closed.set()
-        finally:
-            conn.close()
 
-    threading.Thread(target=silent, daemon=True).start()
-    port = listener.getsockname()[1]
-    gateway = make_gateway(routes={"slow@example.com": "SLOW"}, backends={
-        "SLOW": {"address": "127.0.0.1", "imap_port": port, "pop3_port": port,
-                 "connect_timeout": 60, "login_timeout": 60}})
+    gateway = slow_backend(make_gateway, silent, 60)
     raw = ImapRaw(gateway.imap_port, timeout=30)
     raw.send(b'a LOGIN "slow@example.com" "x"\r\n')
     assert accepted.wait(10)
     raw.close()
     assert closed.wait(20)          # far below the back-end's 120 s of timeouts
     assert wait_for_log(gateway, "end=client\\x20closed\\x20during\\x20the\\x20back-end\\x20login")
-    listener.close()
