@@ -77,6 +77,7 @@ class BackendConnection:
         self.reader = ImapReader(sock, max_line=MAX_RESPONSE_LINE, max_literal=MAX_RESPONSE_LITERAL)
         self.capabilities: frozenset[str] = frozenset()   # upper-cased, to test what is offered
         self.capability_words: tuple[str, ...] = ()       # as spelled, for the client
+        self.capability_updates = 0                       # how many lists were received
         self.tag_counter = 0
         self.prefix = b""      # a pipelined command waiting to leave with the next write
 
@@ -194,6 +195,13 @@ class BackendConnection:
 
     def set_capabilities(self, text: str) -> None:
         self.capability_words, self.capabilities = _parse_capabilities(text)
+        self.capability_updates += 1
+
+    def refresh_capabilities(self) -> None:
+        """Ask for the capability list (after login it may differ from the greeting's)."""
+        tag = self.next_tag()
+        self.send_command(tag, "CAPABILITY", [])
+        self.await_tagged(tag)
 
 
 def encode_id(fields: list[tuple[str, str]]) -> bytes:

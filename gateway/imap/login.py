@@ -95,9 +95,7 @@ def _greet(connection: BackendConnection) -> None:
     if greeting.code and greeting.code.name == "CAPABILITY":
         connection.set_capabilities(greeting.code.text)
     else:
-        tag = connection.next_tag()
-        connection.send_command(tag, "CAPABILITY", [])
-        connection.await_tagged(tag)
+        connection.refresh_capabilities()
 
 
 def _login(connection: BackendConnection, credentials: Credentials,
@@ -117,6 +115,7 @@ def _login(connection: BackendConnection, credentials: Credentials,
             id_tag = None
     tag = connection.next_tag()
     login_name = connection.target.login_name
+    updates = connection.capability_updates
     if use_plain and "AUTH=PLAIN" in offered:
         _send_plain(connection, tag, login_name, credentials.password)
     elif "LOGINDISABLED" in offered:
@@ -126,6 +125,10 @@ def _login(connection: BackendConnection, credentials: Credentials,
     if id_tag:
         connection.await_tagged(id_tag)
     answer = connection.await_tagged(tag)
+    if answer.kind == "OK" and connection.capability_updates == updates:
+        # No list came with the login: the client is shown the logged-in one, not the
+        # greeting's (the same list later CAPABILITY commands return).
+        connection.refresh_capabilities()
     return _judge(connection, answer)
 
 

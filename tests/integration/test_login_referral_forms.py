@@ -62,6 +62,8 @@ def test_ok_referral_to_a_refused_host_keeps_the_working_login(
     client = imaplib.IMAP4("127.0.0.1", gateway.imap_port, timeout=15)
     typ, data = client.login(REF_USER, REF_PASSWORD)
     assert typ == "OK" and b"REFERRAL" not in data[0]
+    # The OK [REFERRAL] carried no capability list: the gateway asked for the logged-in one.
+    assert b"NAMESPACE" in data[0]
     assert client.noop()[0] == "OK"
     client.logout()
     assert "backend=HOME" in session_line(gateway, REF_USER)
