@@ -234,6 +234,7 @@ class Session:
 
     # The protocol part: what the client sees first, reads, and gets when the server ends it.
     internal_error_line = b""
+    reader = None     # the protocol's gateway.stream reader of the client, until login
 
     def greeting(self) -> bytes:
         raise NotImplementedError
