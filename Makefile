@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= deploy/gateway.example.toml
 # Debian packages the test suite starts as real servers.
-TEST_PACKAGES := redis-server dovecot-imapd dovecot-pop3d slapd ldap-utils haproxy nginx-light libnginx-mod-mail
+TEST_PACKAGES := redis-server redis-sentinel dovecot-imapd dovecot-pop3d slapd ldap-utils haproxy nginx-light libnginx-mod-mail
 
 .PHONY: run test venv deps bench check-config clean
 
@@ -27,6 +27,7 @@ test: deps venv
 
 bench: venv
 	$(PY) -m bench
+	$(PY) -m bench.metrics_cost
 
 check-config: venv
 	$(PY) -m gateway check-config --config $(CONFIG)

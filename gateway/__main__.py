@@ -1,4 +1,4 @@
-"""The command line: serve, sync, lookup, kick, check-config.
+"""The command line: serve, sync, lookup, kick, check-config, status.
 
 ``python -m gateway serve --config FILE [--workers N]`` starts the master; the arbiter is
 imported lazily so that nothing here pulls in gevent or protocol code.
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     kick = sub.add_parser("kick", help="close a user's open sessions on every worker")
     kick.add_argument("login")
     kick.add_argument("--config", required=True)
+
+    status = sub.add_parser("status", help="this host's workers, connections, Redis, directory "
+                                           "(exit 0 healthy, 1 degraded, 2 down)")
+    status.add_argument("--config", required=True)
     return parser
 
 
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    logs.setup(config.server.log_level)
+    logs.setup(config.server.log_level, config.server.log_format)
     return COMMANDS[args.command](config, args)
 
 
@@ -85,8 +89,13 @@ def cmd_kick(config, args) -> int:
     return cli.cmd_kick(config, args.login)
 
 
+def cmd_status(config, args) -> int:
+    from gateway import status
+    return status.cmd_status(config)
+
+
 COMMANDS = {"serve": cmd_serve, "check-config": cmd_check_config, "sync": cmd_sync,
-            "lookup": cmd_lookup, "kick": cmd_kick}
+            "lookup": cmd_lookup, "kick": cmd_kick, "status": cmd_status}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,6 +29,8 @@ class ServerConfig:
     pidfile: str = ""
     run_dir: str = "run"             # embedded Redis socket, relative to the working directory
     log_level: str = "info"
+    log_format: str = "text"         # "text" (key=value events) | "json" (one object a line)
+    status_interval: float = 2.0     # the master rewrites <run_dir>/status.json this often
 
     @property
     def worker_count(self) -> int:
@@ -57,6 +59,24 @@ class TLSConfig:
 class RedisConfig:
     url: str = ""          # "" = embedded private redis-server started by the master
     timeout: float = 2.0   # socket connect/read timeout for lookups
+    sentinels: tuple[str, ...] = ()   # "host:port" of Redis Sentinels (then url is unused)
+    service_name: str = ""            # the Sentinel service (master group) name
+    sentinel_password: str = ""       # AUTH for the Sentinels, if they require one
+    password: str = ""                # AUTH for the Redis servers found through Sentinel
+    db: int = 0                       # database index with Sentinel
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Limits shared by every worker of every gateway host through Redis (0 = no limit)."""
+    max_connections_per_address: int = 0   # logged-in sessions per client address
+    max_connections_per_login: int = 0     # logged-in sessions per login name
+    session_ttl: float = 300.0             # a session's count expires unless refreshed
+    auth_failures_per_address: int = 100   # failed logins from one address, then refused
+    auth_failures_per_login: int = 10      # failed logins of one login from one address
+    auth_failure_window: float = 300.0     # failures are forgotten this long after the last
+    auth_failure_max_delay: float = 15.0   # the growing delay stops growing here
+    trusted_networks: tuple[str, ...] = ()  # CIDRs exempt from failure throttling
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,7 @@ class Config:
     backends: dict[str, BackendConfig]
     directory: DirectoryConfig
     referrals: ReferralConfig = ReferralConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     def backend(self, name: str) -> BackendConfig | None:
         """The [backends.NAME] entry for a directory back-end value (name or address)."""
@@ -216,7 +237,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     """Validate an already-decoded TOML document."""
     reader = _Reader(path)
     known = {"server", "listen", "tls", "redis", "imap", "pop3", "backends", "directory",
-             "referrals"}
+             "referrals", "limits"}
     for key in raw:
         if key not in known:
             raise reader.fail(key, "unknown section")
@@ -225,11 +246,15 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         raise reader.fail("server.log_level", "must be debug, info, warning or error")
     if server.max_connections < 1:
         raise reader.fail("server.max_connections", "must be at least 1")
+    if server.log_format not in ("text", "json"):
+        raise reader.fail("server.log_format", "must be \"text\" or \"json\"")
+    if server.status_interval <= 0:
+        raise reader.fail("server.status_interval", "must be above 0")
     listen = _listeners(reader, raw.get("listen", []))
     tls = reader.table(TLSConfig, raw.get("tls", {}), "tls")
     if any(l.tls != "none" for l in listen) and not (tls.cert_file and tls.key_file):
         raise reader.fail("tls.cert_file", "TLS listeners need tls.cert_file and tls.key_file")
-    redis = reader.table(RedisConfig, raw.get("redis", {}), "redis")
+    redis = _redis(reader, raw.get("redis", {}))
     imap = reader.table(ProtocolConfig, raw.get("imap", {}), "imap")
     pop3 = reader.table(ProtocolConfig, raw.get("pop3", {}), "pop3")
     if "pop3" not in raw or "idle_timeout" not in raw.get("pop3", {}):
@@ -239,7 +264,43 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     backends = _backends(reader, raw.get("backends", {}))
     directory = _directory(reader, raw.get("directory", {}))
     referrals = reader.table(ReferralConfig, raw.get("referrals", {}), "referrals")
-    return Config(path, server, listen, tls, redis, imap, pop3, backends, directory, referrals)
+    limits = _limits(reader, raw.get("limits", {}))
+    return Config(path, server, listen, tls, redis, imap, pop3, backends, directory, referrals,
+                  limits)
+
+
+def _redis(reader: _Reader, raw: Any) -> RedisConfig:
+    """[redis]: a URL, or Sentinels and a service name (not both)."""
+    redis = reader.table(RedisConfig, raw, "redis")
+    if redis.sentinels:
+        if redis.url:
+            raise reader.fail("redis.url", "use either url or sentinels, not both")
+        if not redis.service_name:
+            raise reader.fail("redis.service_name", "is required with redis.sentinels")
+        for index, address in enumerate(redis.sentinels):
+            try:
+                split_address(address)
+            except ValueError as exc:
+                raise reader.fail(f"redis.sentinels[{index}]", str(exc)) from None
+    elif redis.service_name:
+        raise reader.fail("redis.sentinels", "redis.service_name needs a list of sentinels")
+    if redis.timeout <= 0:
+        raise reader.fail("redis.timeout", "must be above 0")
+    return redis
+
+
+def _limits(reader: _Reader, raw: Any) -> LimitsConfig:
+    import ipaddress
+    limits = reader.table(LimitsConfig, raw, "limits")
+    for index, network in enumerate(limits.trusted_networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            raise reader.fail(f"limits.trusted_networks[{index}]", str(exc)) from None
+    for key in ("session_ttl", "auth_failure_window"):
+        if getattr(limits, key) < 1:
+            raise reader.fail(f"limits.{key}", "must be at least 1 second")
+    return limits
 
 
 LOGIN_DEADLINE_RANGE = (1.0, 3600.0)

@@ -1,18 +1,98 @@
-"""Logging setup shared by the master, the workers and the CLI tools."""
+"""Logging setup shared by the master, the workers and the CLI tools.
+
+Two line formats (``[server] log_format``):
+
+- ``text``: ``time level [pid] logger: message`` where structured events (the session-end
+  line, refusals) are ``key=value`` pairs; a value with spaces or quotes is double-quoted
+  (logfmt), so ``end="client closed"`` reads as written.
+- ``json``: one JSON object per line, ``{"time", "level", "pid", "logger", "msg", ...}``
+  plus the event's fields as their own keys.
+
+Structured events go through ``event(logger, level, name, **fields)``; nothing here ever
+receives a password: sessions pass login names, never credentials or AUTH payloads.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 
 FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+FORMATS = ("text", "json")
+MAX_VALUE = 200
 
 
-def setup(level: str = "info") -> None:
+def setup(level: str = "info", fmt: str = "text") -> None:
     """Log lines to stderr; idempotent (a forked worker calls it again)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+class _Event:
+    """A log message made of fields: rendered as key=value unless the formatter is JSON."""
+
+    __slots__ = ("name", "fields")
+
+    def __init__(self, name: str, fields: dict):
+        self.name = name
+        self.fields = fields
+
+    def __str__(self) -> str:
+        parts = [f"event={self.name}"]
+        for key, value in self.fields.items():
+            parts.append(f"{key}={_kv_value(value)}")
+        return " ".join(parts)
+
+
+def event(logger: logging.Logger, level: int, name: str, **fields) -> None:
+    """Log one structured event (``fields`` values: str, int, float, bool or None)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, _Event(name, fields))
+
+
+def readable(text: str) -> str:
+    """A client-supplied string made safe for one log line: control characters escaped,
+    bounded; spaces and letters (any script) stay as they are."""
+    if text.isprintable():
+        return text[:MAX_VALUE]
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text[:MAX_VALUE])
+
+
+def _kv_value(value) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    text = readable(str(value))
+    if any(c in text for c in ' "=\\'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; an event's fields become keys of their own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(), "pid": record.process,
+                "logger": record.name}
+        message = record.msg
+        if isinstance(message, _Event) and not record.args:
+            line["event"] = message.name
+            for key, value in message.fields.items():
+                line.setdefault(key, readable(value) if isinstance(value, str) else value)
+        else:
+            line["msg"] = record.getMessage()
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)

@@ -22,8 +22,11 @@ class Service:
         from gateway.directory import cache
         self.config = config
         self.redis_url = redis_url
-        self.redis = cache.connect(config)
+        self.redis = cache.connect(config, redis_url)
         self.directory = cache.Directory.for_config(self.redis, config)
+        from gateway import limits
+        # No limit configured: logins use the directory's plain lookup script.
+        self.limits = limits.Limits(self.redis, config) if limits.enabled(config) else None
         from gateway.imap.referrals import ReferralPolicy
         self.referral_policy = ReferralPolicy(config)
         self.sessions: set = set()
@@ -32,14 +35,20 @@ class Service:
         self.move_listener = self._start_move_listener()
         import gevent
         self.sweeper = gevent.spawn(self.sweep)
+        self.refresher = gevent.spawn(self.refresh_limits) if self.limits else None
 
     def new_session_id(self) -> str:
         return f"{self._id_prefix}.{next(self._ids):x}"
 
     def handler(self, listen):
         """A callable(socket, address) serving one client of this listener to the end."""
+        if listen.protocol == "health":
+            from gateway import metrics
+            return lambda client, address: metrics.serve_http(self, client)
         from gateway.imap.client import ImapSession
         from gateway.pop3.client import Pop3Session
+        from gateway.logs import event
+        from gateway.metrics import recorder
         session_class = {"imap": ImapSession, "pop3": Pop3Session}.get(listen.protocol)
         if session_class is None:
             raise ValueError(f"protocol {listen.protocol!r} is not served yet")
@@ -49,8 +58,13 @@ class Service:
         def handle(client: socket.socket, address) -> None:
             session = session_class(self, client, address, listen)
             if len(self.sessions) >= limit:
+                recorder.refused(listen.protocol, "worker")
+                event(log, logging.WARNING, "refused", session=session.id,
+                      proto=listen.protocol, client=session.client_address,
+                      reason="server.max_connections reached in this worker")
                 session.refuse("Too many connections, try again later")
                 return
+            recorder.opened(listen.protocol, listen.address)
             self.sessions.add(session)
             session.run()     # a logged-in session goes on in the relay after this returns
         return handle
@@ -75,6 +89,24 @@ class Service:
                         now - session.last_activity >= session.settings.idle_timeout:
                     session.idle_out()
 
+    def refresh_limits(self) -> None:
+        """Keep the shared connection counts of this worker's live sessions from expiring,
+        and release those of ended sessions as soon as they end (in batches)."""
+        import gevent
+        from gevent.event import Event
+        ended = Event()
+        self.limits.wake = ended.set        # safe from an event-loop callback
+        interval = max(self.config.limits.session_ttl / 3, 1.0)
+        next_refresh = time.monotonic() + interval
+        while True:
+            ended.wait(max(0.0, next_refresh - time.monotonic()))
+            ended.clear()
+            self.limits.release_pending()
+            if time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + interval
+                self.limits.refresh([s.admission for s in list(self.sessions)
+                                     if s.admission is not None and s.admission.counted])
+
     def shutdown(self, graceful: bool = False) -> None:
         """Say a protocol goodbye to every open session and close it."""
         self.move_listener.stop()
@@ -87,8 +119,11 @@ class Service:
         """A greenlet subscribed to the moves and kicks of every sync job and gateway host."""
         import gevent
         from gateway.directory.moves import MoveListener
-        listener = MoveListener(self.redis_url, self.config.redis.timeout, self.close_sessions,
-                                sleep=gevent.sleep)
+        from gateway.directory.cache import connect
+
+        def subscriber():
+            return connect(self.config, self.redis_url, subscriber=True)
+        listener = MoveListener(subscriber, self.close_sessions, sleep=gevent.sleep)
         gevent.spawn(listener.run)
         return listener
 
@@ -110,4 +145,7 @@ class Service:
                 log.info("session=%s login=%s: %s", session.id, login, text)
                 session.goodbye(text)
                 closed += 1
+        from gateway.directory.moves import KICKED_TEXT
+        from gateway.metrics import recorder
+        recorder.kicked("kick" if text == KICKED_TEXT else "move", closed)
         return closed

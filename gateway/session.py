@@ -12,9 +12,12 @@ import socket
 import time
 from dataclasses import dataclass
 
+from gateway import limits as limits_mod
 from gateway.config import BackendConfig
 from gateway.directory.cache import DirectoryUnavailable
 from gateway.directory.records import normalize_login
+from gateway.logs import event, readable
+from gateway.metrics import recorder
 
 log = logging.getLogger("mailgate.session")
 
@@ -31,6 +34,8 @@ class Failure(enum.Enum):
     AUTH_FAILED = "auth-failed"      # unknown user or wrong password: never told apart
     UNAVAILABLE = "unavailable"      # directory, back-end or network trouble: try again
     PROTOCOL = "protocol"            # the back-end said something we cannot use
+    LIMIT = "limit"                  # too many sessions for this address or login
+    THROTTLED = "throttled"          # too many failed logins from this address
 
 
 class LoginError(Exception):
@@ -69,15 +74,20 @@ class Route:
     target: Target
 
 
-def route(service, login_name: str) -> Route:
-    """Look the login up (one Redis round trip) and resolve its back-end; raises LoginError."""
+def route(service, login_name: str, admission=None) -> Route:
+    """Look the login up and pass the shared limits (one Redis round trip together) and
+    resolve its back-end; raises LoginError."""
     try:
         normalized = normalize_login(login_name, service.config.directory.default_domain)
-        record = service.directory.lookup_normalized(normalized)
+        record = service.directory.lookup_normalized(normalized, admission)
     except DirectoryUnavailable as exc:
         raise LoginError(Failure.UNAVAILABLE, f"directory unavailable: {exc}") from None
     except ValueError as exc:
         raise LoginError(Failure.AUTH_FAILED, f"bad login name: {exc}") from None
+    if admission is not None and admission.status != limits_mod.OK:
+        if admission.status == limits_mod.THROTTLED:
+            raise LoginError(Failure.THROTTLED, "too many failed logins")
+        raise LoginError(Failure.LIMIT, f"{admission.status} connection limit reached")
     if record is None:
         if service.config.directory.miss == "unavailable":
             raise LoginError(Failure.UNAVAILABLE, "not in the directory cache")
@@ -94,6 +104,7 @@ def connect(backend_config: BackendConfig, protocol: str) -> socket.socket:
 
     The one place a back-end socket is opened (TLS to the back-end wraps this)."""
     address = (backend_config.address, backend_config.port(protocol))
+    started = time.perf_counter()
     try:
         family = _numeric_family(backend_config.address)
         if family is None:
@@ -109,8 +120,10 @@ def connect(backend_config: BackendConfig, protocol: str) -> socket.socket:
                 raise
     except OSError as exc:
         reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
+        recorder.backend_connect(backend_config.name, None)
         raise LoginError(Failure.UNAVAILABLE,
                          f"connect {backend_config.name} {address[0]}:{address[1]}: {reason}") from None
+    recorder.backend_connect(backend_config.name, time.perf_counter() - started)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -150,6 +163,8 @@ class Session:
         self.end_reason = ""
         self.closing = False
         self.login_failures = 0
+        self.admission = None   # limits.Admission of the login in progress or done
+        self.tls = False        # the client connection is TLS (set by the TLS code)
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
@@ -229,6 +244,10 @@ class Session:
             self.relay.finish("client", "idle timeout")
 
     def finished(self) -> None:
+        if self.admission is not None:
+            self.admission.ended()
+        recorder.closed(self.protocol, self.listen.address, self.state.value, self.bytes_in,
+                        self.bytes_out)
         self.log_end()
         self.service.forget(self)
 
@@ -261,10 +280,12 @@ class Session:
         """
         started = time.monotonic()
         self.login_name = login_name
+        limits = self.service.limits
+        self.admission = limits.admission(self.client_address, self.id) if limits else None
         try:
             if len(login_name.encode()) + len(password.encode()) > MAX_CREDENTIALS:
                 raise LoginError(Failure.AUTH_FAILED, "credentials too long")
-            found = route(self.service, login_name)
+            found = route(self.service, login_name, self.admission)
             self.state = State.LOGIN
             result = self.while_client_waits(
                 lambda: self.open_backend(found.target, password, mechanism))
@@ -275,8 +296,11 @@ class Session:
         self.login_name = found.login_name
         self.mailbox_id = found.mailbox_id
         self.state = State.PROXYING
+        if self.admission is not None:
+            self.admission.succeeded()
+        recorder.login(self.protocol, "ok")
         log.debug("session=%s proto=%s login=%s backend=%s mechanism=%s", self.id,
-                  self.protocol, _safe(found.login_name), self.backend_name, mechanism)
+                  self.protocol, readable(found.login_name), self.backend_name, mechanism)
         self.answer_success(result)
         return True
 
@@ -305,13 +329,24 @@ class Session:
 
     def login_failed(self, exc: LoginError, started: float) -> None:
         self.state = State.PREAUTH
-        log.info("session=%s proto=%s login failed login=%s reason=%s", self.id, self.protocol,
-                 _safe(self.login_name), exc.detail)
-        if exc.failure is Failure.AUTH_FAILED:
-            # Unknown user and wrong password are answered alike and after the same delay.
-            delay = self.service.config.server.auth_failure_delay - (time.monotonic() - started)
-            if delay > 0:
-                time.sleep(delay)   # gevent-patched in workers
+        auth_failed = exc.failure is Failure.AUTH_FAILED
+        penalty = self.service.config.server.auth_failure_delay if auth_failed else 0.0
+        if exc.failure is Failure.THROTTLED:
+            penalty = self.service.config.server.auth_failure_delay
+        elif self.admission is not None:
+            penalty = self.admission.failed(auth_failed)
+        recorder.login(self.protocol, exc.failure.value)
+        if exc.failure in (Failure.LIMIT, Failure.THROTTLED):
+            recorder.refused(self.protocol, self.admission.status)
+        event(log, logging.INFO if auth_failed else logging.WARNING, "login-failed",
+              session=self.id, proto=self.protocol, client=self.client_address,
+              login=self.login_name, reason=exc.failure.value, detail=exc.detail,
+              delay=penalty)
+        # Unknown user and wrong password are answered alike and after the same delay,
+        # which grows with the failures from this address (limits.Limits.delay).
+        delay = penalty - (time.monotonic() - started)
+        if delay > 0:
+            time.sleep(delay)   # gevent-patched in workers
         self.answer_failure(exc.failure)
         self.login_failures += 1
         if self.login_failures >= self.max_login_failures:
@@ -375,14 +410,9 @@ class Session:
                     pass
 
     def log_end(self) -> None:
-        duration = time.monotonic() - self.started
-        log.info("session=%s proto=%s client=%s:%s login=%s backend=%s state=%s duration=%.3fs "
-                 "in=%d out=%d end=%s", self.id, self.protocol, self.client_address,
-                 self.client_port, _safe(self.login_name) or "-", self.backend_name or "-",
-                 self.state.value, duration, self.bytes_in, self.bytes_out,
-                 _safe(self.end_reason) or "-")
-
-
-def _safe(text: str) -> str:
-    """A client-supplied string made safe for one log line (no CR/LF, bounded)."""
-    return text.encode("unicode_escape").decode("ascii")[:200].replace(" ", "\\x20")
+        """The one line a session leaves: who, where, how far it got, bytes and time."""
+        event(log, logging.INFO, "session-end", session=self.id, proto=self.protocol,
+              client=self.client_address, port=self.client_port, login=self.login_name,
+              backend=self.backend_name, listener=self.listen.address, tls=self.tls,
+              state=self.state.value, duration=time.monotonic() - self.started,
+              bytes_in=self.bytes_in, bytes_out=self.bytes_out, end=self.end_reason)

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 
 from gateway import config as config_mod
+from gateway import metrics
+from gateway import status as status_mod
 from workers.services import EmbeddedRedis, ServiceError, SyncJob
 from workers.sockets import BindError, SocketSet
 
@@ -63,6 +65,7 @@ class Arbiter:
         self.signal_queue: list[str] = []
         self.pipe: tuple[int, int] | None = None
         self.stopping = False
+        self.status = None
 
     # -- start and main loop ---------------------------------------------------------------
 
@@ -75,6 +78,7 @@ class Arbiter:
             return 2
         try:
             self.spawn_missing()
+            self.status.maybe_write(self, 0)     # "status" works from the first second
             while True:
                 self.step()
         except StopIteration:
@@ -90,23 +94,30 @@ class Arbiter:
             self.cleanup()
 
     def start(self) -> None:
-        # The pidfile first: once a port answers, its pid is on disk (cleanup() removes it
-        # again when a bind fails).
-        if self.config.server.pidfile:
-            with open(self.config.server.pidfile, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
-        self.sockets.ensure([l.host_port for l in self.config.listen])
-        if not self.config.redis.url:
-            self.redis = EmbeddedRedis(self.config.server.run_dir)
-            self.redis.start()
-            self.redis_url = f"unix://{self.redis.socket_path}"
-        self.sync_job = SyncJob.for_config(self.config)
+        # Signals are queued from the first moment: a TERM that arrives while Redis or the
+        # metrics start is handled by the main loop, not by Python's default (death).
         self.pipe = os.pipe()
         for fd in self.pipe:
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
         for name in SIGNALS:
             signal.signal(getattr(signal, f"SIG{name}"), self.queue_signal)
+        # The pidfile next: once a port answers, its pid is on disk (cleanup() removes it
+        # again when a bind fails).
+        if self.config.server.pidfile:
+            with open(self.config.server.pidfile, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+        self.sockets.ensure([l.host_port for l in self.config.listen])
+        # After binding (a second master on the same run_dir fails before touching the
+        # first's files) and before any fork: workers inherit the folder in the environment.
+        metrics.prepare_dir(self.config.server.run_dir)
+        metrics.preload()
+        self.status = status_mod.StatusFile(self.config.server.run_dir)
+        if not self.config.redis.url and not self.config.redis.sentinels:
+            self.redis = EmbeddedRedis(self.config.server.run_dir)
+            self.redis.start()
+            self.redis_url = f"unix://{self.redis.socket_path}"
+        self.sync_job = SyncJob.for_config(self.config)
         addresses = ", ".join(f"{l.protocol}={l.address}" for l in self.config.listen)
         log.info("master pid=%d listening %s, %d workers", os.getpid(), addresses, self.target)
 
@@ -143,6 +154,7 @@ class Arbiter:
         self.spawn_missing()
         if self.sync_job and not self.stopping:
             self.sync_job.tick()
+        self.status.maybe_write(self, self.config.server.status_interval)
 
     # -- signals ---------------------------------------------------------------------------
 
@@ -256,6 +268,7 @@ class Arbiter:
             if worker is None:
                 continue
             worker.heartbeat.close()
+            metrics.worker_exited(pid)    # its live gauges go; its counters stay
             code = os.waitstatus_to_exitcode(status)
             if code == WORKER_BOOT_ERROR:
                 raise HaltServer(f"worker pid={pid} failed to boot; see the lines above", 3)
@@ -305,6 +318,8 @@ class Arbiter:
             pass
 
     def cleanup(self) -> None:
+        if getattr(self, "status", None) is not None:
+            self.status.remove()
         if self.sync_job:
             self.sync_job.stop()
         if self.redis:

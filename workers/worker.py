@@ -34,6 +34,9 @@ class Worker:
         self.master_pid = os.getppid()
         self.stop_event = Event()
         self.graceful = True
+        from gateway.metrics import recorder
+        recorder.start_worker(sorted({l.protocol for l in config.listen} - {"health"}))
+        self.recorder = recorder
         from gateway.service import Service  # protocol code: in the worker only
         self.service = Service(config, redis_url)
         self.servers: list[StreamServer] = []
@@ -55,10 +58,13 @@ class Worker:
         for server in self.servers:
             server.start()
         beat = gevent.spawn(self.beat)
+        flusher = gevent.spawn(self.recorder.run_flusher, gevent.sleep)
         log.info("worker pid=%d serving", os.getpid())
         self.stop_event.wait()
         self.drain()
         beat.kill()
+        flusher.kill()
+        self.recorder.flush()     # the last counts of this worker reach /metrics
         return 0
 
     def request_stop(self, graceful: bool) -> None:
@@ -105,7 +111,7 @@ class Worker:
 def main(config, fds: dict, heartbeat, redis_url: str) -> int:
     """Run a worker in this (freshly forked) process; the return value is the exit status."""
     from gateway import logs
-    logs.setup(config.server.log_level)
+    logs.setup(config.server.log_level, config.server.log_format)
     try:
         worker = Worker(config, fds, heartbeat, redis_url)
     except Exception:

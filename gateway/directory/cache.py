@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..config import Config, DirectoryConfig
+from ..metrics import recorder
 from . import records
 from .records import MailboxRecord
 
@@ -33,21 +35,47 @@ def redis_url(config: Config) -> str:
     return "unix://" + os.path.join(os.path.abspath(config.server.run_dir), "redis.sock")
 
 
-def connect(config: Config) -> redis.Redis:
+def connect(config: Config, url: str = "", subscriber: bool = False) -> redis.Redis:
     """A client (with its own pool) for the directory cache; makes no connection yet.
 
-    Every read is bounded by ``[redis] timeout``.  One immediate retry on a connection error
-    covers a pooled connection that the server closed; a timeout is not retried, so a lookup
-    never waits longer than twice the timeout.
+    Every read is bounded by ``[redis] timeout`` (a ``subscriber`` waits for messages without
+    a read timeout and keeps its TCP connection alive instead).  One immediate retry on a
+    connection error covers a pooled connection that the server closed; a timeout is not
+    retried, so a lookup never waits longer than twice the timeout.  With ``[redis]
+    sentinels`` the client asks the Sentinels for the current primary on every new
+    connection, so after a failover the next connection goes to the promoted replica.
+    ``url`` overrides the configured one (the master hands the embedded server's to workers).
     """
-    return redis.Redis.from_url(
-        redis_url(config),
-        socket_timeout=config.redis.timeout,
-        socket_connect_timeout=config.redis.timeout,
+    settings = config.redis
+    options = dict(
+        socket_timeout=None if subscriber else settings.timeout,
+        socket_connect_timeout=settings.timeout,
         health_check_interval=HEALTH_CHECK_INTERVAL,
         retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
         retry_on_timeout=False,
     )
+    if settings.sentinels:
+        from redis.sentinel import Sentinel
+        from ..config import split_address
+        sentinel = Sentinel(
+            [split_address(address) for address in settings.sentinels],
+            sentinel_kwargs={"socket_timeout": settings.timeout,
+                             "socket_connect_timeout": settings.timeout,
+                             "password": settings.sentinel_password or None},
+            password=settings.password or None, db=settings.db, **options)
+        return sentinel.master_for(settings.service_name)
+    target = url or redis_url(config)
+    if subscriber and not target.startswith("unix:"):
+        options["socket_keepalive"] = True   # (a unix socket has no keepalive option)
+    return redis.Redis.from_url(target, **options)
+
+
+def describe(config: Config) -> str:
+    """Where the directory cache is, for messages: the URL or the Sentinel service."""
+    if config.redis.sentinels:
+        return f"sentinel service {config.redis.service_name} via " + ",".join(
+            config.redis.sentinels)
+    return redis_url(config)
 
 
 class Directory:
@@ -90,15 +118,29 @@ class Directory:
             return None
         return self.lookup_normalized(normalized)
 
-    def lookup_normalized(self, normalized: str) -> MailboxRecord | None:
-        """``lookup`` for a name ``normalize_login`` already returned (the login path)."""
+    def lookup_normalized(self, normalized: str, admission=None) -> MailboxRecord | None:
+        """``lookup`` for a name ``normalize_login`` already returned (the login path).
+
+        ``admission`` (gateway.limits.Admission) runs the lookup inside its own script, in
+        the same round trip; when it refuses the login (``status`` not "ok") this returns
+        None without asking anyone else.
+        """
+        started = time.perf_counter()
+        keys = [records.CURRENT_KEY]
+        args = [records.GENERATION_KEY_PREFIX, normalized, records.NEGATIVE_KEY_PREFIX]
         try:
-            answer = self._lookup_script(
-                keys=[records.CURRENT_KEY],
-                args=[records.GENERATION_KEY_PREFIX, normalized, records.NEGATIVE_KEY_PREFIX])
+            if admission is None:
+                answer = self._lookup_script(keys=keys, args=args)
+            else:
+                answer = admission.run(keys, args)
         except (redis.RedisError, OSError) as exc:
+            recorder.lookup("error", time.perf_counter() - started)
             raise DirectoryUnavailable(f"directory cache: {exc.__class__.__name__}: {exc}") \
                 from exc
+        recorder.lookup("hit" if answer[1] is not None else "miss",
+                        time.perf_counter() - started)
+        if admission is not None and admission.status != "ok":
+            return None
         generation = int(answer[0]) if answer[0] is not None else None
         packed = answer[1]
         if packed is not None:
@@ -115,8 +157,10 @@ class Directory:
         """Ask the resolver for one login name and cache its answer: a record joins the live
         generation it missed in, "no such user" is kept ``negative_ttl`` seconds.  Raises
         DirectoryUnavailable when the directory server cannot answer."""
+        started = time.perf_counter()
         try:
             record = self.resolver.find(normalized)
+            recorder.lookup("read-through", time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - LdapError, timeouts: all mean "try later"
             log.warning("read-through lookup of %r failed: %s", normalized, exc)
             raise DirectoryUnavailable(f"directory server: {exc}") from exc

@@ -16,7 +16,7 @@ import redis
 from ..config import Config
 from . import records
 from .records import MailboxRecord
-from .cache import Directory, DirectoryUnavailable, connect, redis_url
+from .cache import Directory, DirectoryUnavailable, connect, describe
 from .export import ExportError, iter_export
 from .sync import SyncBusy, SyncError, full_sync
 
@@ -58,7 +58,7 @@ def _run_sync(config: Config, label: str, run, out: TextIO) -> int:
         print(str(exc), file=out)
         return 1
     except (redis.RedisError, OSError) as exc:
-        print(f"{label}: cannot use the directory cache at {redis_url(config)}: "
+        print(f"{label}: cannot use the directory cache at {describe(config)}: "
               f"{_reason(exc)}", file=out)
         return 2
     finally:
@@ -83,7 +83,7 @@ def cmd_kick(config: Config, login: str, out: TextIO = sys.stdout) -> int:
         receivers = client.publish(records.KICK_CHANNEL,
                                    records.kick_message(normalized, mailbox_id))
     except (redis.RedisError, OSError) as exc:
-        print(f"kick: cannot use the directory cache at {redis_url(config)}: {_reason(exc)}",
+        print(f"kick: cannot use the directory cache at {describe(config)}: {_reason(exc)}",
               file=out)
         return 2
     finally:
@@ -116,7 +116,7 @@ def cmd_lookup(config: Config, login: str, out: TextIO = sys.stdout) -> int:
             return 1
         record = Directory.for_config(client, config).lookup(login)
     except DirectoryUnavailable as exc:
-        print(f"lookup: directory cache at {redis_url(config)} unavailable: "
+        print(f"lookup: directory cache at {describe(config)} unavailable: "
               f"{_reason(exc.__cause__ or exc)}", file=out)
         return 2
     finally:

@@ -159,7 +159,8 @@ def _incremental(client, config, generation, mark_value, lock, progress, label) 
     finally:
         ldap.close(connection)
         bar.clear()
-    client.hset(records.LDAP_MARK_KEY, "value", mark.value)
+    # "time": when the last incremental sync ended (status and /metrics report its age).
+    client.hset(records.LDAP_MARK_KEY, mapping={"value": mark.value, "time": f"{time.time():.3f}"})
     summary.seconds = time.monotonic() - started
     return summary
 

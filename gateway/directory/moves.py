@@ -25,7 +25,6 @@ KICKED_TEXT = "Session closed by an administrator, please reconnect"
 LISTEN_TIMEOUT = 5.0      # seconds one wait for a message lasts (then the loop looks again)
 MAX_BATCH = 10_000
 MIN_BACKOFF, MAX_BACKOFF = 0.5, 10.0
-HEALTH_CHECK_INTERVAL = 30
 
 
 class Targets:
@@ -54,10 +53,9 @@ class MoveListener:
     carries on without moves rather than dying.
     """
 
-    def __init__(self, url: str, connect_timeout: float,
+    def __init__(self, connect: Callable[[], redis.Redis],
                  close: Callable[[Targets, str], int], sleep: Callable[[float], None] = time.sleep):
-        self.url = url
-        self.connect_timeout = connect_timeout
+        self.connect = connect     # a new subscriber client (no read timeout) per attempt
         self.close = close
         self.sleep = sleep
         self.stopped = False
@@ -69,12 +67,11 @@ class MoveListener:
     def run(self) -> None:
         backoff = MIN_BACKOFF
         while not self.stopped:
-            options = {} if self.url.startswith("unix:") else {"socket_keepalive": True}
-            client = redis.Redis.from_url(   # (a unix socket, the embedded Redis, has no keepalive)
-                self.url, socket_connect_timeout=self.connect_timeout, socket_timeout=None,
-                health_check_interval=HEALTH_CHECK_INTERVAL, **options)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            # A new client each time: through Sentinel it asks for the current primary.
+            client = pubsub = None
             try:
+                client = self.connect()
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(records.MOVES_CHANNEL, records.KICK_CHANNEL)
                 self.connected = True
                 if backoff > MIN_BACKOFF:
@@ -128,6 +125,8 @@ class MoveListener:
 
 def _close_quietly(pubsub, client) -> None:
     for thing in (pubsub, client):
+        if thing is None:
+            continue
         try:
             thing.close()
         except Exception:  # noqa: BLE001 - the connection is broken anyway

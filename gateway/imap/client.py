@@ -45,6 +45,8 @@ ANSWERS = {
     Failure.AUTH_FAILED: b"NO [AUTHENTICATIONFAILED] Authentication failed.",
     Failure.UNAVAILABLE: b"NO [UNAVAILABLE] Service temporarily unavailable, try again later.",
     Failure.PROTOCOL: b"NO [UNAVAILABLE] Service temporarily unavailable, try again later.",
+    Failure.LIMIT: b"NO [LIMIT] Too many connections for this user or address.",
+    Failure.THROTTLED: b"NO [LIMIT] Too many failed logins, try again later.",
 }
 
 

@@ -12,6 +12,7 @@ import logging
 
 from gateway.config import BackendConfig, Config
 from gateway.imap import urls
+from gateway.metrics import recorder
 from gateway.session import Failure, LoginError, Target
 
 log = logging.getLogger("mailgate.referrals")
@@ -136,6 +137,7 @@ def _walk(first: Target, open_target, policy: ReferralPolicy, session_id: str,
             if not policy.settings.follow or hops > policy.settings.max_hops:
                 return None, LoginError(Failure.UNAVAILABLE, f"{referred.detail} (not followed)")
             queue = policy.targets(referred.urls, target.login_name, session_id)
+            recorder.referral("login")
             last_error = LoginError(Failure.UNAVAILABLE, f"{referred.detail}: no allowed target")
         except LoginError as exc:
             last_error = exc

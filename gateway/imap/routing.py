@@ -21,6 +21,7 @@ import gevent
 from gateway.imap import parser, referrals, urls
 from gateway.imap import login
 from gateway.imap.backend import BackendConnection, filter_capability_line
+from gateway.metrics import recorder
 from gateway.imap.parser import Atom, Framer, Line, LiteralChunk, Response
 from gateway.imap.links import Head, Link, LinkDown, encode_tokens, with_marker
 from gateway.imap.remote_copy import cross_server_copy
@@ -353,7 +354,9 @@ class RoutingRelay:
         policy = self.session.service.referral_policy
         for target in policy.targets(referral, self.session.backend_login_name, self.session.id):
             try:
-                return self.open_link(target), target
+                link = self.open_link(target)
+                recorder.referral("mailbox")
+                return link, target
             except LinkDown as down:
                 log.warning("session=%s referred server %s unavailable: %s", self.session.id,
                             target.config.name, down)

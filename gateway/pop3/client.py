@@ -34,6 +34,8 @@ ANSWERS = {
     Failure.AUTH_FAILED: b"-ERR [AUTH] Authentication failed.\r\n",
     Failure.UNAVAILABLE: b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later.\r\n",
     Failure.PROTOCOL: b"-ERR [SYS/TEMP] Service temporarily unavailable, try again later.\r\n",
+    Failure.LIMIT: b"-ERR [IN-USE] Too many connections for this user or address.\r\n",
+    Failure.THROTTLED: b"-ERR [SYS/TEMP] Too many failed logins, try again later.\r\n",
 }
 
 

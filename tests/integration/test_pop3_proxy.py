@@ -286,7 +286,7 @@ def test_backend_lost_mid_session_gives_err_and_close(gateway, dovecot_a):
 
 def test_session_log_and_client_address_forwarded(gateway, dovecot_a):
     def session_lines(text: str) -> list[str]:
-        return [line for line in text.splitlines() if "proto=pop3 client=127.0.0.1:" in line
+        return [line for line in text.splitlines() if "proto=pop3 client=127.0.0.1 " in line
                 and "login=alice@example.com backend=A" in line]
 
     seen = len(session_lines(gateway.log_text()))

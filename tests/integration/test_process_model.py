@@ -253,12 +253,14 @@ def test_check_config_accepts_the_example_and_rejects_typos(tmp_path):
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server missing")
 def test_example_config_runs_like_make_run(tmp_path):
-    """`make run` serves deploy/gateway.example.toml: both listeners answer, TERM stops it."""
+    """`make run` serves deploy/gateway.example.toml: every listener answers, TERM stops it."""
     example = (REPO / "deploy" / "gateway.example.toml").read_text()
     imap_port, pop3_port = servers.free_port(), servers.free_port()
+    health_port = servers.free_port()
     config = tmp_path / "example.toml"
     config.write_text(example.replace("127.0.0.1:10143", f"127.0.0.1:{imap_port}")
-                      .replace("127.0.0.1:10110", f"127.0.0.1:{pop3_port}"))
+                      .replace("127.0.0.1:10110", f"127.0.0.1:{pop3_port}")
+                      .replace("127.0.0.1:10080", f"127.0.0.1:{health_port}"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config)],
                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
@@ -268,6 +270,9 @@ def test_example_config_runs_like_make_run(tmp_path):
         servers.wait_for_port("127.0.0.1", pop3_port, 30, process)
         assert greet(imap_port).startswith(b"* OK ")
         assert greet(pop3_port).startswith(b"+OK ")
+        with socket.create_connection(("127.0.0.1", health_port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.0 200 OK")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=40) == 0
     finally:
