@@ -93,7 +93,7 @@ def test_one_pre_login_command_has_a_total_size_bound(bounded_gateway):
     except (EOFError, OSError):
         pass
     assert any(line.startswith(b"* BYE [TOOBIG]") for line in lines)
-    assert wait_for_log(bounded_gateway, "end=command\\x20too\\x20large")
+    assert wait_for_log(bounded_gateway, 'end="command too large')
 
 
 @pytest.mark.parametrize("protocol", ["imap", "pop3"])
@@ -285,4 +285,4 @@ def test_a_client_hanging_up_during_the_backend_login_closes_it(make_gateway):
     assert accepted.wait(10)
     raw.close()
     assert closed.wait(20)          # far below the back-end's 120 s of timeouts
-    assert wait_for_log(gateway, "end=client\\x20closed\\x20during\\x20the\\x20back-end\\x20login")
+    assert wait_for_log(gateway, 'end="client closed during the back-end login"')
