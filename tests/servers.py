@@ -208,7 +208,7 @@ class RedisServer(_Process):
     """A private redis-server on a free loopback port, without persistence."""
 
     name = "redis"
-    DATABASES = 64
+    DATABASES = 256
 
     def __init__(self, tmpdir):
         super().__init__(tmpdir)
