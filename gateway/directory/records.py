@@ -13,6 +13,7 @@ Layout (one Redis database, shared by every gateway host and sync job)::
     mailgate:dir:neg:<login>  string  negative answer of a read-through lookup (with a TTL)
     mailgate:moves            channel msgpack {"login", "from", "to", "id"} per moved login name
     mailgate:kick             channel msgpack {"login", "id"}: close these sessions by hand
+    mailgate:lim:...          connection counts and failed logins (gateway/limits.py)
 
 Workers close the sessions of a login name, or of a mailbox id, published on either channel.
 
