@@ -141,6 +141,7 @@ class ReferralConfig:
     pass_to_capable_clients: bool = False  # a client that uses RLIST/RLSUB sees referrals itself
     connect_timeout: float = 5.0          # for referred hosts that are not [backends]
     login_timeout: float = 15.0
+    home_keepalive: float = 300.0         # NOOP a back-end link unused this long (mailbox referrals)
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,8 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     backends = _backends(reader, raw.get("backends", {}))
     directory = _directory(reader, raw.get("directory", {}))
     referrals = reader.table(ReferralConfig, raw.get("referrals", {}), "referrals")
+    if referrals.home_keepalive <= 0:
+        raise reader.fail("referrals.home_keepalive", "must be a positive number of seconds")
     limits = _limits(reader, raw.get("limits", {}))
     return Config(path, server, listen, tls, redis, imap, pop3, backends, directory, referrals,
                   limits)

@@ -12,6 +12,8 @@ Per client connection it is an IMAP server to its client and an IMAP client of `
 * RLIST / RLSUB (RFC 2193 §5) become LIST / LSUB at Dovecot, and the configured public
   folders ("public/NAME", which live on ``remote_host:remote_port``) are added before the
   tagged OK; plain LIST / LSUB show Dovecot's folders only, as RFC 2193 §6 asks;
+* ``elsewhere`` maps more folder names to (host, port, name there): a second remote server
+  that knows the folder by another name (a referral that renames);
 * SELECT, EXAMINE, STATUS, APPEND, CREATE, DELETE, SUBSCRIBE, UNSUBSCRIBE of a public
   folder, RENAME from or to one, and [UID] COPY / MOVE into one are answered
   ``NO [REFERRAL imap://user;AUTH=*@remote:port/public/NAME] Remote mailbox``; an APPEND
@@ -40,7 +42,9 @@ from gateway.imap.urls import ImapUrl, format_url, mutf7_decode, mutf7_encode
 import servers
 
 GREETING_CAPABILITIES = "IMAP4rev1 LITERAL+ MAILBOX-REFERRALS ID IDLE UIDPLUS UNSELECT"
-LOGGED_IN_CAPABILITIES = GREETING_CAPABILITIES + " NAMESPACE MOVE"
+# LIST-EXTENDED and LIST-STATUS as a Dovecot home would offer them: relayed as they are,
+# extended LISTs would list this server's own folders only (RFC 2193 refers only RLIST).
+LOGGED_IN_CAPABILITIES = GREETING_CAPABILITIES + " NAMESPACE MOVE LIST-EXTENDED LIST-STATUS"
 MAX_BUFFERED_COMMAND = 1 << 20   # an inspected command (not an APPEND message) is held whole
 MAX_LINE = 65536
 
@@ -69,8 +73,9 @@ class ReferralBackend:
                  referral_host: str | None = None, referral_port: int | None = None,
                  idle_timeout: float = 600.0, home_timeout: float = 10.0,
                  dead_replicas: tuple = (), greeting_referral: str = "",
-                 login_referral: str = ""):
+                 login_referral: str = "", elsewhere: dict | None = None):
         self.home = home
+        self.elsewhere = dict(elsewhere or {})
         # RFC 2221 forms Dovecot cannot produce: "* BYE [REFERRAL url]" as the greeting, and
         # "tag OK [REFERRAL url]" for a successful login (this server stays usable).
         self.greeting_referral = greeting_referral
@@ -80,6 +85,7 @@ class ReferralBackend:
         self.remote_port = remote_port
         self.public_prefix = public_prefix
         self.public_folders = [public_prefix + name for name in public_folders]
+        self.public_folders += list(self.elsewhere)
         self.referral_host = referral_host or remote_host
         self.referral_port = referral_port or remote_port
         self.idle_timeout = idle_timeout
@@ -132,6 +138,9 @@ class ReferralBackend:
             mailbox = mutf7_decode(mailbox_wire)
         except ValueError:
             mailbox = mailbox_wire
+        if mailbox in self.elsewhere:
+            host, port, there = self.elsewhere[mailbox]
+            return format_url(ImapUrl(host, port, user, "*", there))
         url = format_url(ImapUrl(self.referral_host, self.referral_port, user, "*", mailbox))
         # Replicas named first (best first, RFC 2193 §4) that the test made unreachable.
         dead = [format_url(ImapUrl(host, port, user, "*", mailbox))
@@ -139,7 +148,7 @@ class ReferralBackend:
         return " ".join(dead + [url])
 
     def is_public(self, mailbox_wire: str) -> bool:
-        return mailbox_wire.startswith(self.public_prefix)
+        return mailbox_wire.startswith(self.public_prefix) or mailbox_wire in self.elsewhere
 
     def record(self, line: bytes) -> None:
         with self._lock:

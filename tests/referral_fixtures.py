@@ -7,6 +7,10 @@ A test module takes them with ``from referral_fixtures import *``:
 * ``ref_remote``: Dovecot "ref-remote", the same users and passwords, where the public
   folders "public/NAME" (NAME in PUBLIC_FOLDERS) exist for every user, each holding one
   message (Subject "public NAME").
+* ``ref_archive``: Dovecot "ref-archive", a second remote server offering only a few
+  capabilities (ARCHIVE_CAPABILITIES: no MOVE, UIDPLUS, UNSELECT), where each user has the
+  folder "old" (one message, Subject "archive old"); referral back-ends made with
+  ``archive=ref_archive`` refer "archive/old" to it (a referral that renames).
 * ``referral_backend``: a started :class:`ReferralBackend` in front of ``ref_home`` that
   refers "public/..." to ``ref_remote``.
 * ``make_referral_backend(**kwargs)``: more of them (function scope, stopped at teardown),
@@ -25,7 +29,8 @@ import servers
 from referral_backend import ReferralBackend
 
 __all__ = ["SLASH_NAMESPACE", "REF_USER", "REF_PASSWORD", "REF_USERS", "PUBLIC_FOLDERS",
-           "ref_home", "ref_remote", "referral_backend", "make_referral_backend"]
+           "ARCHIVE_CAPABILITIES", "ARCHIVE_FOLDER",
+           "ref_home", "ref_remote", "ref_archive", "referral_backend", "make_referral_backend"]
 
 SLASH_NAMESPACE = "namespace inbox {\n  inbox = yes\n  separator = /\n}\n"
 REF_USER = "ref@example.com"
@@ -36,6 +41,8 @@ REF_USERS = {
     "refweird@example.com": 'p a"s\\s{5}wörd',
 }
 PUBLIC_FOLDERS = ("news", "announcements")
+ARCHIVE_CAPABILITIES = "IMAP4rev1 LITERAL+ IDLE ID NAMESPACE"
+ARCHIVE_FOLDER = "archive/old"    # the client's name; "old" on ref_archive
 
 
 def _message(subject: str) -> bytes:
@@ -53,10 +60,10 @@ def _require_dovecot() -> None:
     pytest.skip(message)
 
 
-def _start_dovecot(tmp_path_factory, name: str) -> servers.Dovecot:
+def _start_dovecot(tmp_path_factory, name: str, extra_conf: str = "") -> servers.Dovecot:
     _require_dovecot()
     server = servers.Dovecot(tmp_path_factory.mktemp(name), name, REF_USERS,
-                             extra_conf=SLASH_NAMESPACE)
+                             extra_conf=SLASH_NAMESPACE + extra_conf)
     server.start()
     return server
 
@@ -94,7 +101,28 @@ def ref_remote(tmp_path_factory):
         server.stop()
 
 
-def _backend(ref_home, ref_remote, **kwargs) -> ReferralBackend:
+@pytest.fixture(scope="module")
+def ref_archive(tmp_path_factory):
+    """A second remote server with few capabilities; "old" holds one message per user."""
+    server = _start_dovecot(tmp_path_factory, "ref-archive",
+                            f"imap_capability = {ARCHIVE_CAPABILITIES}\n")
+    try:
+        for user in REF_USERS:
+            client = server.imap(user)
+            try:
+                typ, data = client.create("old")
+                assert typ == "OK", data
+            finally:
+                client.logout()
+            server.deliver(user, _message("archive old"), folder="old")
+        yield server
+    finally:
+        server.stop()
+
+
+def _backend(ref_home, ref_remote, archive=None, **kwargs) -> ReferralBackend:
+    if archive is not None:
+        kwargs["elsewhere"] = {ARCHIVE_FOLDER: (archive.host, archive.imap_port, "old")}
     kwargs.setdefault("remote_host", ref_remote.host)
     kwargs.setdefault("remote_port", ref_remote.imap_port)
     kwargs.setdefault("public_folders", list(PUBLIC_FOLDERS))

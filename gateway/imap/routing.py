@@ -1,40 +1,58 @@
 """The referral-following relay, used after login when the home back-end offers
-MAILBOX-REFERRALS (RFC 2193).
+MAILBOX-REFERRALS (RFC 2193): which command goes where.
 
 The gateway acts as the referral-capable client: LIST/LSUB go to the home back-end as
-RLIST/RLSUB so the client sees every folder; a ``NO [REFERRAL ...]`` answer to a mailbox
-command is not shown to the client: the gateway opens (or reuses) an authenticated
-connection to the referred server with the session's credentials, re-issues the command
-there and relays that answer.  While a remote mailbox is selected, mailbox-scoped commands
-go to its connection.  Commands are handled one at a time (a pipelining client is still
-served, in order); literals larger than SMALL_LITERAL stream through in chunks.
+RLIST/RLSUB so the client sees every folder (extended LIST is merged by listing.py); a
+``NO [REFERRAL ...]`` answer to a mailbox command is not shown to the client: the gateway
+opens (or reuses) a logged-in connection to the referred server (links.LinkPool) and
+re-issues the command there (forwarding.Forwarder).  While a remote mailbox is selected,
+mailbox-scoped commands go to its connection.  Commands are handled one at a time (a
+pipelining client is still served, in order).
+
+The pieces: ``COMMANDS`` (command name → method), ``REMOTE_NEEDS`` (what a referred server
+must offer for a command sent to it), ``HOME_ONLY`` (capabilities the gateway or the home
+server provide whatever mailbox is selected).
 """
 from __future__ import annotations
 
-import logging
-import re
-import socket
-from collections import deque
+import time
 
 import gevent
 
-from gateway.imap import parser, referrals, urls
-from gateway.imap import login
-from gateway.imap.backend import BackendConnection, filter_capability_line
-from gateway.metrics import recorder
-from gateway.imap.parser import Atom, Framer, Line, LiteralChunk, Response
-from gateway.imap.links import Head, Link, LinkDown, encode_tokens, with_marker
-from gateway.imap.remote_copy import cross_server_copy
-from gateway.session import ClientGone, LoginError, Target
+from gateway.imap import referrals, urls
+from gateway.imap.backend import BackendConnection, filter_capabilities
+from gateway.imap.forwarding import ClientSide, Forwarder, drop_all
+from gateway.imap.links import Head, Link, LinkDown, LinkPool, referred_opener
+from gateway.imap.listing import MergedList, parse_list, renamed_status
+from gateway.imap.parser import Atom, Line, Response
+from gateway.imap.remote_copy import copy_messages, locate
 
-log = logging.getLogger("mailgate.imap.routing")
+# Command (UID's sub-command for UID) → method; anything else goes to the home server.
+COMMANDS = {
+    "LOGOUT": "cmd_logout", "CAPABILITY": "cmd_capability",
+    "LIST": "cmd_list", "LSUB": "cmd_list", "RLIST": "cmd_list", "RLSUB": "cmd_list",
+    "SELECT": "cmd_select", "EXAMINE": "cmd_select", "STATUS": "cmd_status",
+    "APPEND": "cmd_mailbox", "CREATE": "cmd_mailbox", "DELETE": "cmd_mailbox",
+    "SUBSCRIBE": "cmd_mailbox", "UNSUBSCRIBE": "cmd_mailbox", "RENAME": "cmd_rename",
+    "IDLE": "cmd_idle", "CLOSE": "cmd_close", "UNSELECT": "cmd_close",
+    "COPY": "cmd_copy", "MOVE": "cmd_copy",
+    **{name: "cmd_selected" for name in (
+        "FETCH", "STORE", "SEARCH", "EXPUNGE", "CHECK", "SORT", "THREAD", "NOOP", "ESEARCH")},
+}
 
-SMALL_LITERAL = 65536
-FLUSH_AT = 65536
+# A command for the selected mailbox sent to a referred server needs that server to offer
+# this (RFC 3501 §7.2.1: a client may use only what was advertised).  Keys are names as in
+# COMMANDS, "UID " + sub-command for UID forms; a trailing "=" matches any value.
+REMOTE_NEEDS = {
+    "MOVE": "MOVE", "UID MOVE": "MOVE", "UID EXPUNGE": "UIDPLUS", "IDLE": "IDLE",
+    "UNSELECT": "UNSELECT", "SORT": "SORT", "UID SORT": "SORT", "THREAD": "THREAD=",
+    "UID THREAD": "THREAD=", "ESEARCH": "ESEARCH",
+}
 
-SELECTED_SCOPE = {"FETCH", "STORE", "SEARCH", "EXPUNGE", "CHECK", "SORT", "THREAD", "NOOP",
-                  "ESEARCH"}
-MAILBOX_COMMANDS = {"STATUS", "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE"}
+# Capabilities that hold whatever server the selected mailbox is on: the home server or the
+# gateway itself serves them (literals are re-encoded for each link; LIST is merged here).
+HOME_ONLY = frozenset({"IMAP4REV1", "LITERAL+", "LITERAL-", "ID", "NAMESPACE", "CHILDREN",
+                       "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "ENABLE"})
 
 
 class RoutingRelay:
@@ -42,144 +60,60 @@ class RoutingRelay:
 
     def __init__(self, session, home: BackendConnection, password: str, mechanism: str):
         self.session = session
-        self.client = session.client
-        self.home = Link(home, home.name, self)
-        self.password = password          # held for this session only, never logged
-        self.mechanism = mechanism
-        self.remotes: dict[tuple[str, int, str], Link] = {}
-        self.selected: Link | None = None
-        self.passthrough = False
-        self.out = bytearray()
-        self.events: deque = deque()
-        self.framer = Framer(max_line=session.settings.max_line)
-        self.tags = 0
-        self.idling = False
         settings = session.service.config.referrals
         self.allow_passthrough = settings.pass_to_capable_clients
-
-    # -- client side ----------------------------------------------------------------------
-
-    def to_client(self, data: bytes) -> None:
-        self.out += data
-        if len(self.out) >= FLUSH_AT:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.out:
-            data, self.out = bytes(self.out), bytearray()
-            self.session.send(data)
-
-    def reply(self, tag: str, text: str) -> None:
-        self.to_client(f"{tag} {text}\r\n".encode())
-        self.flush()
-
-    def next_client_event(self):
-        while not self.events:
-            if not self.idling:
-                self.flush()
-            try:
-                data = self.client.recv(65536)
-            except socket.timeout:
-                self.session.try_send(b"* BYE Autologout; idle for too long.\r\n")
-                raise ClientGone("client idle timeout") from None
-            except OSError as exc:
-                raise ClientGone(f"client read error: {exc.strerror or exc}") from None
-            if not data:
-                raise ClientGone("client closed")
-            self.session.bytes_in += len(data)
-            self.session.touch()
-            try:
-                self.events.extend(self.framer.feed(data))
-            except parser.ParseError as exc:
-                self.events.extend(exc.events)
-                if not self.events:
-                    self.session.try_send(b"* BYE Command line too long.\r\n")
-                    raise ClientGone(f"protocol error: {exc}") from None
-        return self.events.popleft()
-
-    def read_head(self) -> Head:
-        """Read a command up to its end, or up to a literal too big to hold."""
-        parts: list[bytes] = []
-        while True:
-            event = self.next_client_event()
-            if not isinstance(event, Line):
-                continue
-            parts.append(event.data)
-            if event.literal is None:
-                return Head(parts, None)
-            if event.literal.size > SMALL_LITERAL:
-                return Head(parts, event.literal)
-            if not event.literal.nonsync:
-                self.session.send(b"+ Ready for literal data.\r\n")
-            parts.append(self.read_literal(event.literal.size))
-
-    def read_literal(self, size: int) -> bytes:
-        payload = bytearray()
-        while len(payload) < size or size == 0:
-            chunk = self.next_client_event()
-            payload += chunk.data
-            if chunk.last:
-                break
-        return bytes(payload)
-
-    def stream_literal(self, link: Link | None) -> None:
-        """Pass the client's pending literal to ``link`` chunk by chunk (None = discard)."""
-        while True:
-            chunk = self.next_client_event()
-            if link is not None:
-                link.send(chunk.data)
-            if chunk.last:
-                return
+        self.client = ClientSide(session, self.keepalive, settings.home_keepalive)
+        self.forwarder = Forwarder(self.client)
+        # The credentials stay in the opener's closure for this session only, never logged.
+        self.pool = LinkPool(Link(home, home.name, self.client.flush),
+                             referred_opener(session, password, mechanism),
+                             session.service.referral_policy, session.backend_login_name,
+                             session.id)
+        self.home = self.pool.home
+        self.keepalive_every = settings.home_keepalive
+        self.selected: Link | None = None
+        self.busy: Link | None = None     # in IDLE: the keepalive leaves it alone
 
     # -- main loop ----------------------------------------------------------------------------
 
     def run(self, client_pending: bytes, backend_pending: bytes) -> str:
         """Serve until LOGOUT or failure; returns the reason for the session log."""
         self.home.backend.unbounded(self.session.settings.idle_timeout)
-        self.client.settimeout(self.session.settings.idle_timeout)
         if backend_pending:
             self.session.send(backend_pending)
-        if client_pending:
-            self.events.extend(self.framer.feed(client_pending))
+        self.client.feed(client_pending)
         try:
             while True:
-                head = self.read_head()
+                head = self.next_command()
                 if not self.dispatch(head):
                     return "logout"
         except LinkDown as down:
             self.session.try_send(b"* BYE [UNAVAILABLE] Connection to the mail server lost.\r\n")
             return f"backend {down.link.name}: {down}"
         finally:
-            self.password = ""
-            for link in self.remotes.values():
-                link.close()
+            self.pool.close()
+
+    def next_command(self) -> Head:
+        """The client's next command; between commands the links are kept alive (also
+        while the client keeps busy on another link, so its silence never comes)."""
+        self.keepalive()
+        self.client.ticking = True
+        try:
+            return self.client.read_head()
+        finally:
+            self.client.ticking = False
 
     def dispatch(self, head: Head) -> bool:
-        """Handle one command; False after LOGOUT."""
+        """Handle one command through COMMANDS; False after LOGOUT."""
         name = head.sub if head.name == "UID" else head.name
-        if head.name == "LOGOUT":
-            self.forward(self.home, head)
-            return False
-        handler = {
-            "LIST": self.cmd_list, "LSUB": self.cmd_list, "RLIST": self.cmd_list,
-            "RLSUB": self.cmd_list, "SELECT": self.cmd_select, "EXAMINE": self.cmd_select,
-            "APPEND": self.cmd_append, "RENAME": self.cmd_rename, "IDLE": self.cmd_idle,
-            "CLOSE": self.cmd_close, "UNSELECT": self.cmd_close,
-            "COPY": self.cmd_copy, "MOVE": self.cmd_copy,
-        }.get(name)
-        if handler is None and name in MAILBOX_COMMANDS:
-            handler = self.cmd_mailbox
-        if handler is None:
-            link = self.selected_link() if name in SELECTED_SCOPE or head.sub else self.home
-            handler = lambda h: self.guarded(link, lambda: self.forward(link, h))  # noqa: E731
-        handler(head)
-        return True
+        method = getattr(self, COMMANDS.get(name, "cmd_home"))
+        return method(head) is not False
 
     def selected_link(self) -> Link:
         return self.selected or self.home
 
     def guarded(self, link: Link, action) -> Response | None:
-        """Run an action on a remote link; its failure becomes a NO, not the session's end."""
+        """Run an action on a remote link; its failure becomes None, not the session's end."""
         try:
             return action()
         except LinkDown as down:
@@ -189,356 +123,256 @@ class RoutingRelay:
             return None
 
     def drop(self, link: Link) -> None:
-        log.warning("session=%s remote %s lost: closing it", self.session.id, link.name)
-        self.remotes = {k: v for k, v in self.remotes.items() if v is not link}
+        self.pool.drop(link)
         if self.selected is link:
             self.selected = None
-        link.close()
-
-    # -- sending a command and relaying its answer -------------------------------------------
-
-    def next_tag(self) -> str:
-        self.tags += 1
-        return f"MGR{self.tags}"
-
-    def send_parts(self, link: Link, tag: str, parts: list[bytes]) -> Response | None:
-        """Send command parts (small literals included); a refused literal returns the answer."""
-        pending = b""
-        for index in range(0, len(parts), 2):
-            line = parts[index]
-            if index + 1 >= len(parts):
-                pending += line
-                break
-            payload = parts[index + 1]
-            if link.literal_plus:
-                pending += with_marker(line, len(payload), True) + payload
-                continue
-            link.send(pending + with_marker(line, len(payload), False))
-            refused = self.await_continuation(link, tag)
-            if refused is not None:
-                return refused
-            pending = payload
-        if pending:
-            link.send(pending)
-        return None
-
-    def await_continuation(self, link: Link, tag: str) -> Response | None:
-        """Wait for "+" (None) or the command's tagged answer (returned, not forwarded)."""
-        while True:
-            event = link.next_event()
-            if isinstance(event, LiteralChunk):
-                self.to_client(event.data)
-                continue
-            if event.data.startswith(b"+"):
-                return None
-            if event.data.startswith(tag.encode() + b" "):
-                return self.parse(event.data)
-            self.to_client(event.data)
-
-    def relay_answer(self, link: Link, tag: str, intercept: bool = False,
-                     forward_tagged: bool = True) -> Response:
-        """Forward the link's responses to the client until ``tag``'s tagged answer.
-
-        With ``intercept`` a tagged answer carrying a referral is returned unforwarded;
-        ``forward_tagged=False`` keeps every tagged answer (a gateway command's) from the client.
-        """
-        prefix = tag.encode() + b" "
-        continuation = False
-        while True:
-            event = link.next_event()
-            if isinstance(event, LiteralChunk):
-                self.to_client(event.data)
-                continue
-            line = event.data
-            if not continuation and line.startswith(prefix):
-                answer = self.parse(line)
-                if not forward_tagged or (intercept and self.is_referral(answer)):
-                    return answer
-                if self.is_referral(answer):   # never shown to a referral-unaware client
-                    line = prefix + b"NO [UNAVAILABLE] Mailbox is on another server.\r\n"
-                self.to_client(line)
-                self.flush()
-                return answer
-            if not (continuation or self.passthrough) and line.startswith(b"* ") \
-                    and b"[REFERRAL " in line[:40].upper():
-                line = re.sub(rb"\[REFERRAL [^]]*\] ?", b"", line, flags=re.I)
-            if not continuation and line[:13].upper() == b"* CAPABILITY ":
-                line = filter_capability_line(
-                    line, ("MAILBOX-REFERRALS",) if self.allow_passthrough else ())
-            self.to_client(line)
-            continuation = event.literal is not None
-
-    def is_referral(self, answer: Response) -> bool:
-        return not self.passthrough and referrals.referral_of(answer) is not None
-
-    def parse(self, line: bytes) -> Response:
-        try:
-            return parser.parse_response([line])
-        except parser.ParseError:
-            return Response(tag="*", kind="BAD", code=None, text="unparsable")
-
-    def forward(self, link: Link, head: Head, intercept: bool = False) -> Response:
-        """Send the client's command to ``link`` as it is and relay the answer."""
-        parts = head.parts
-        if head.big is not None:
-            return self.forward_streaming(link, head, parts, intercept)
-        refused = self.send_parts(link, head.tag, parts)
-        if refused is not None:
-            return self.finish_refused(head, refused, intercept)
-        return self.relay_answer(link, head.tag, intercept)
-
-    def forward_streaming(self, link: Link, head: Head, parts: list[bytes],
-                          intercept: bool = True) -> Response:
-        """A command whose last literal is big: the link must say "+" before it streams."""
-        refused = self.send_parts(link, head.tag, parts[:-1] + [b""]) if len(parts) > 1 else None
-        if refused is None:
-            link.send(with_marker(parts[-1], head.big.size, False))
-            refused = self.await_continuation(link, head.tag)
-        if refused is not None:
-            return self.finish_refused(head, refused, intercept)
-        if not head.big.nonsync:
-            self.session.send(b"+ Ready for literal data.\r\n")
-        self.stream_literal(link)
-        self.stream_rest(link, head.tag)
-        return self.relay_answer(link, head.tag)
-
-    def stream_rest(self, link: Link, tag: str) -> None:
-        """After a streamed literal: the rest of the command (MULTIAPPEND may add literals)."""
-        while True:
-            event = self.next_client_event()
-            if event.literal is None:
-                link.send(event.data)
-                return
-            link.send(with_marker(event.data, event.literal.size, False))
-            refused = self.await_continuation(link, tag)
-            if refused is not None:
-                raise LinkDown(link, "refused a literal mid-command")
-            if not event.literal.nonsync:
-                self.session.send(b"+ Ready for literal data.\r\n")
-            self.stream_literal(link)
-
-    def finish_refused(self, head: Head, answer: Response, intercept: bool) -> Response:
-        """The link answered before taking a literal.  A referral to follow keeps the
-        client's pending literal for the referred server; otherwise it is dropped."""
-        if intercept and self.is_referral(answer):
-            return answer
-        self.discard_pending(head)
-        text = answer.text if not self.is_referral(answer) else "Mailbox is on another server."
-        code = f"[{answer.code.name} {answer.code.text}] ".replace(" ]", "]") if (
-            answer.code and not self.is_referral(answer)) else ""
-        self.reply(head.tag, f"{answer.kind} {code}{text}")
-        return answer
-
-    def discard_pending(self, head: Head) -> None:
-        """Read and drop a non-synchronising literal the client is already sending."""
-        if head.big is not None and head.big.nonsync:
-            head.big = None
-            self.stream_literal(None)
-            self.drain_rest()
-
-    def drain_rest(self) -> None:
-        while True:
-            event = self.next_client_event()
-            if isinstance(event, Line) and event.literal is None:
-                return
-            if isinstance(event, Line):
-                self.stream_literal(None)
-
-    # -- remote links -------------------------------------------------------------------------
-
-    def remote_for(self, answer: Response, index: int = 0) -> tuple[Link, Target] | None:
-        """An authenticated link to the referral's first reachable allowed target."""
-        referral = referrals.referral_of(answer) or []
-        if index:
-            referral = referral[index:index + 1]
-        policy = self.session.service.referral_policy
-        for target in policy.targets(referral, self.session.backend_login_name, self.session.id):
-            try:
-                link = self.open_link(target)
-                recorder.referral("mailbox")
-                return link, target
-            except LinkDown as down:
-                log.warning("session=%s referred server %s unavailable: %s", self.session.id,
-                            target.config.name, down)
-        return None
-
-    def open_link(self, target: Target) -> Link:
-        key = (target.config.address.lower(), target.config.imap_port, target.login_name)
-        if key in self.remotes:
-            return self.remotes[key]
-        try:
-            backend, _ = login.open_backend(target, login.Credentials(self.password, self.mechanism),
-                                            self.session.id_fields())
-        except referrals.Referred as referred:
-            if referred.kept is None:
-                raise LinkDown(None, referred.detail) from None
-            backend = referred.kept[0]      # OK [REFERRAL]: logged in; not followed further
-        except LoginError as exc:
-            raise LinkDown(None, exc.detail) from None
-        backend.unbounded(self.session.settings.idle_timeout)
-        link = Link(backend, target.config.name, self)
-        self.remotes[key] = link
-        log.info("session=%s opened referred connection to %s", self.session.id, link.name)
-        return link
 
     def unavailable(self, head: Head) -> None:
-        self.reply(head.tag, "NO [UNAVAILABLE] The mailbox is on a server that cannot be reached.")
+        self.client.discard_pending(head)
+        self.client.reply(head.tag,
+                          "NO [UNAVAILABLE] The mailbox is on a server that cannot be reached.")
 
-    def reissue(self, head: Head, link: Link, mailboxes: list[str]) -> Response | None:
-        """Send the client's command to ``link`` with its mailbox argument(s) replaced."""
-        args = list(head.command.args)
-        for position, mailbox in enumerate(mailboxes):
-            args[position] = urls.mutf7_encode(mailbox)
-        parts = encode_tokens([Atom(head.tag), Atom(head.name)] + args)
-        if head.big is not None:
-            parts[-1] += b" {%d}\r\n" % head.big.size
-            return self.guarded(link, lambda: self.forward_streaming(link, head, parts, False))
-        parts[-1] += b"\r\n"
-        rebuilt = Head(parts, None)
-        return self.guarded(link, lambda: self.forward(link, rebuilt))
+    # -- links --------------------------------------------------------------------------------
 
-    def follow(self, head: Head, answer: Response) -> tuple[Link, Response] | None:
-        """Follow a mailbox referral for a one-mailbox command; None when answered already."""
-        found = self.remote_for(answer)
+    def keepalive(self) -> None:
+        """NOOP every link unused for ``[referrals] home_keepalive`` seconds, so that no
+        back-end logs the session out while the client works on another server."""
+        now = time.monotonic()
+        for link in self.pool.links():
+            if link is self.busy or now - link.last_sent < self.keepalive_every * 0.9:
+                continue
+            shown = None if link is self.selected_link() else drop_all
+            answer = self.guarded(link, lambda: self.forwarder.gateway_command(
+                link, [Atom("NOOP")], shown))
+            if answer is not None and link is self.selected_link():
+                self.client.flush()
+
+    def follow(self, head: Head, answer: Response, positions=(0,), untagged=None):
+        """Follow a mailbox referral for the command (its mailbox at ``positions``):
+        (link, answer) when it ran there, None when the client has its answer already."""
+        referral = referrals.referral_of(answer) or []
+        # One mailbox: the URLs are replicas, best first; RENAME: an (old, new) pair.
+        found = self.pool.for_referral(referral if len(positions) == 1 else referral[:1])
         if found is None or head.command is None:
-            self.discard_pending(head)
             self.unavailable(head)
             return None
         link, target = found
-        result = self.reissue(head, link, [target.mailbox or ""])
+        names = {positions[0]: target.mailbox or ""}
+        if len(positions) > 1:
+            names[positions[1]] = referral[1].mailbox or ""
+        result = self.guarded(link, lambda: self.forwarder.reissue(head, link, names, untagged))
         if result is None:
-            self.discard_pending(head)
             self.unavailable(head)
             return None
         return link, result
 
-    # -- commands -------------------------------------------------------------------------------
+    def refuse_unoffered(self, link: Link, head: Head) -> bool:
+        """True (and the client answered NO) when ``link`` is a referred server that does
+        not offer what the command needs."""
+        if link is self.home or (key := lacking(link, head)) is None:
+            return False
+        self.client.discard_pending(head)
+        self.client.reply(head.tag, f"NO [CANNOT] {key} is not supported for this mailbox.")
+        return True
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def cmd_home(self, head: Head) -> None:
+        self.forwarder.forward(self.home, head)
+
+    def cmd_logout(self, head: Head) -> bool:
+        self.forwarder.forward(self.home, head)
+        return False
+
+    def cmd_selected(self, head: Head) -> None:
+        link = self.selected_link()
+        if not self.refuse_unoffered(link, head) and \
+                self.guarded(link, lambda: self.forwarder.forward(link, head)) is None:
+            self.unavailable(head)
+
+    def cmd_capability(self, head: Head) -> None:
+        """What the client may use now: home's list as filtered at login, less what the
+        selected mailbox's server lacks (the gateway cannot lend a server an extension)."""
+        words = filter_capabilities(self.home.backend.capability_words,
+                                    self.session.capabilities_kept())
+        remote = self.selected if self.selected is not self.home else None
+        self.client.to_client(b"* CAPABILITY " + advertised(words, remote) + b"\r\n")
+        self.client.reply(head.tag, "OK Capability completed.")
 
     def cmd_list(self, head: Head) -> None:
-        """LIST/LSUB become RLIST/RLSUB so remote folders are listed too (RFC 2193 §4)."""
+        """LIST/LSUB become RLIST/RLSUB so remote folders are listed too (RFC 2193 §4);
+        extended LIST forms (RFC 5258) are merged by the gateway."""
         if head.name.startswith("R") and self.allow_passthrough:
-            self.passthrough = True   # a referral-capable client (RFC 2193 §6)
-        if head.name in ("LIST", "LSUB") and head.command is not None and len(head.command.args) == 2:
+            self.forwarder.passthrough = True   # a referral-capable client (RFC 2193 §6)
+        if head.name == "LIST" and head.command is not None:
+            try:
+                request = parse_list(head.command.args)
+            except ValueError as exc:
+                self.client.reply(head.tag, f"BAD {exc}.")
+                return
+            if request is not None:
+                MergedList(self.forwarder, self.pool, self.selected_link()).answer(
+                    head.tag, request)
+                return
+        if head.name in ("LIST", "LSUB") and head.command is not None \
+                and len(head.command.args) == 2:
             tag, verb, rest = head.parts[0].split(b" ", 2)
             head = Head([tag + b" R" + verb + b" " + rest] + head.parts[1:], head.big)
-        self.forward(self.home, head)
+        self.forwarder.forward(self.home, head)
 
     def cmd_select(self, head: Head) -> None:
         previous = self.selected
-        answer = self.forward(self.home, head, intercept=True)
-        if self.is_referral(answer):
+        answer = self.forwarder.forward(self.home, head, intercept=True)
+        if self.forwarder.is_referral(answer):
             followed = self.follow(head, answer)
             self.selected = followed[0] if followed and followed[1].kind == "OK" else None
         else:
             self.selected = self.home if answer.kind == "OK" else None
         if previous is not None and previous is not self.home and previous is not self.selected:
-            self.quietly(previous, "UNSELECT")
+            self.leave(previous)
 
-    def quietly(self, link: Link, command: str) -> None:
-        """A gateway command whose answers the client never sees."""
-        tag = self.next_tag()
-        try:
-            link.send(f"{tag} {command}\r\n".encode())
-            self.quiet_answer(link, tag)
-        except LinkDown:
-            self.drop(link)
-
-    def quiet_answer(self, link: Link, tag: str) -> Response:
-        """The tagged answer to a gateway command on ``link``; its other output is dropped."""
-        prefix = tag.encode() + b" "
-        while True:
-            event = link.next_event()
-            if isinstance(event, Line) and event.data.startswith(prefix):
-                return self.parse(event.data)
-
-    def quiet_continuation(self, link: Link, tag: str) -> bool:
-        """True when ``link`` asks for a literal, False when it answered the command."""
-        prefix = tag.encode() + b" "
-        while True:
-            event = link.next_event()
-            if isinstance(event, Line):
-                if event.data.startswith(b"+"):
-                    return True
-                if event.data.startswith(prefix):
-                    return False
-
-    def quiet_home(self, command: str) -> Response:
-        """A gateway command on the home link whose untagged answers the client does see
-        (EXPUNGE after a cross-server MOVE changes the client's message numbers)."""
-        tag = self.next_tag()
-        self.home.send(f"{tag} {command}\r\n".encode())
-        return self.relay_answer(self.home, tag, forward_tagged=False)
+    def leave(self, link: Link) -> None:
+        """Deselect a referred server's mailbox without expunging; its later updates must
+        not reach the client as if they were of the new mailbox's."""
+        if not link.offers("UNSELECT"):
+            self.pool.drop(link)
+            return
+        self.guarded(link, lambda: self.forwarder.gateway_command(link, [Atom("UNSELECT")]))
 
     def cmd_close(self, head: Head) -> None:
         link = self.selected_link()
-        answer = self.guarded(link, lambda: self.forward(link, head))
+        if self.refuse_unoffered(link, head):
+            return
+        answer = self.guarded(link, lambda: self.forwarder.forward(link, head))
         if answer is None:
             self.unavailable(head)
         elif answer.kind == "OK":
             self.selected = None
 
     def cmd_mailbox(self, head: Head) -> None:
-        answer = self.forward(self.home, head, intercept=True)
-        if self.is_referral(answer):
+        answer = self.forwarder.forward(self.home, head, intercept=True)
+        if self.forwarder.is_referral(answer):
             self.follow(head, answer)
 
-    def cmd_append(self, head: Head) -> None:
-        answer = self.forward(self.home, head, intercept=True)
-        if self.is_referral(answer):
-            self.follow(head, answer)
+    def cmd_status(self, head: Head) -> None:
+        """STATUS, shown under the client's mailbox name even when the referral renames it."""
+        answer = self.forwarder.forward(self.home, head, intercept=True)
+        if not self.forwarder.is_referral(answer):
+            return
+        mailbox = head.command.args[0] if head.command and head.command.args else b""
+        wire = mailbox.encode() if isinstance(mailbox, str) else mailbox
+
+        def rename(line: bytes) -> bytes:
+            if line[:9].upper() == b"* STATUS " and isinstance(wire, bytes):
+                return renamed_status(line, wire)
+            return line
+        self.follow(head, answer, untagged=rename)
 
     def cmd_rename(self, head: Head) -> None:
         """RFC 2193 §5: RENAME is referred with a URL pair on one server."""
-        answer = self.forward(self.home, head, intercept=True)
-        if not self.is_referral(answer):
+        answer = self.forwarder.forward(self.home, head, intercept=True)
+        if not self.forwarder.is_referral(answer):
             return
         pair = referrals.referral_of(answer)
-        found = self.remote_for(answer) if len(pair) == 2 and head.command else None
-        if found is None or pair[0].host != pair[1].host or pair[0].port != pair[1].port:
+        if len(pair) != 2 or (pair[0].host, pair[0].port) != (pair[1].host, pair[1].port):
             self.unavailable(head)
             return
-        link, target = found
-        if self.reissue(head, link, [target.mailbox or "", pair[1].mailbox or ""]) is None:
-            self.unavailable(head)
+        self.follow(head, answer, positions=(0, 1))
 
     def cmd_idle(self, head: Head) -> None:
-        """IDLE on the selected link; the client's DONE goes to the same link."""
+        """IDLE on the selected link; the client's DONE goes to the same link, and the
+        link's updates reach the client as they come."""
         link = self.selected_link()
-        link.send(head.parts[0])
-        refused = self.guarded(link, lambda: self.await_continuation(link, head.tag))
-        if refused is not None:
-            self.reply(head.tag, f"{refused.kind} {refused.text}")
+        if self.refuse_unoffered(link, head):
             return
-        self.to_client(b"+ idling\r\n")
-        self.flush()
-        waiter = gevent.spawn(self.relay_answer, link, head.tag)
+        link.send(head.parts[0])
+        refused = self.guarded(link, lambda: self.forwarder.await_continuation(link, head.tag))
+        if refused is not None:
+            self.client.reply(head.tag, f"{refused.kind} {refused.text}")
+            return
+        self.client.to_client(b"+ idling\r\n")
+        self.client.flush()
+        waiter = gevent.spawn(self.forwarder.relay_answer, link, head.tag)
         main = gevent.getcurrent()
         waiter.link_exception(lambda done: main.kill(done.exception, block=False))
-        self.idling = True
+        self.client.idling, self.client.ticking, self.busy = True, True, link
         try:
             while not waiter.ready():
-                event = self.next_client_event()   # the client's DONE
+                event = self.client.next_event()   # the client's DONE
                 link.send(event.data)
                 if isinstance(event, Line) and event.literal is None:
                     break
             waiter.join()
         finally:
-            self.idling = False
+            self.client.idling, self.client.ticking, self.busy = False, False, None
             waiter.unlink_all()
             waiter.kill()
 
+    # -- COPY / MOVE --------------------------------------------------------------------------
+
     def cmd_copy(self, head: Head) -> None:
-        """COPY/MOVE: into a remote mailbox the gateway copies itself (FETCH + APPEND)."""
-        link = self.selected_link()
-        answer = self.guarded(link, lambda: self.forward(link, head, intercept=True))
-        if answer is None:
+        """COPY/MOVE reach the mailbox the client named, wherever each side is: forwarded
+        when both are on one server, copied by the gateway (FETCH + APPEND) otherwise."""
+        source = self.selected_link()
+        if head.command is None or len(head.command.args) < 2:
+            self.cmd_selected(head)
+            return
+        if source is self.home:
+            answer = self.forwarder.forward(self.home, head, intercept=True)
+            if self.forwarder.is_referral(answer):
+                self.copy_across(head, source, referrals.referral_of(answer))
+            return
+        where = locate(self.forwarder, self.home, _wire(head.command.args[-1]))
+        if isinstance(where, str):
+            self.client.reply(head.tag, where)
+        elif where is True:
+            name = urls.mutf7_decode(_wire(head.command.args[-1]).decode("utf-8", "replace"))
+            self.copy_between(head, source, self.home, name)
+        else:
+            self.copy_across(head, source, where)
+
+    def copy_across(self, head: Head, source: Link, referral) -> None:
+        found = self.pool.for_referral(referral)
+        if found is None:
             self.unavailable(head)
             return
-        if not self.is_referral(answer):
+        dest, target = found
+        if dest is source:   # both on one server: let it copy, under its own name
+            if not self.refuse_unoffered(source, head):
+                names = {len(head.command.args) - 1: target.mailbox or ""}
+                if self.guarded(source, lambda: self.forwarder.reissue(head, source, names)) \
+                        is None:
+                    self.unavailable(head)
             return
-        found = self.remote_for(answer) if link is self.home else None
-        if found is None or head.command is None:
+        self.copy_between(head, source, dest, target.mailbox or "")
+
+    def copy_between(self, head: Head, source: Link, dest: Link, mailbox: str) -> None:
+        try:
+            copy_messages(self.forwarder, head, source, dest, mailbox)
+        except LinkDown as down:
+            if down.link is self.home or down.link is None:
+                raise
+            self.drop(down.link)
             self.unavailable(head)
-            return
-        remote, target = found
-        cross_server_copy(self, head, remote, target.mailbox or "")
+
+
+def lacking(link: Link, head: Head) -> str | None:
+    """The command's name when ``link``'s server does not offer what it needs."""
+    key = f"UID {head.sub}" if head.name == "UID" else head.name
+    needed = REMOTE_NEEDS.get(key)
+    return key if needed is not None and not link.offers(needed) else None
+
+
+def advertised(words: bytes, remote: Link | None) -> bytes:
+    """The capability words (as filtered for the client) less what ``remote``, the server
+    of the selected mailbox, lacks; HOME_ONLY ones hold wherever the mailbox is."""
+    return b" ".join(w for w in words.split() if remote is None
+                     or w.upper().decode() in HOME_ONLY or remote.offers(w.upper().decode()))
+
+
+def _wire(token) -> bytes:
+    """A mailbox argument as the client sent it (modified UTF-7 on the wire)."""
+    if isinstance(token, list):
+        return b""
+    return token if isinstance(token, bytes) else str(token).encode("utf-8")
+

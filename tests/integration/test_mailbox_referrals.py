@@ -95,14 +95,18 @@ def test_select_fetch_store_on_a_remote_folder_and_switch_back(gateway, ref_remo
         direct.logout()
 
 
-def test_idle_on_a_remote_folder(gateway, ref_remote):
+@pytest.mark.parametrize("folder", ["public/announcements", "INBOX"])
+def test_idle_sees_new_mail_at_home_and_on_a_remote_folder(gateway, ref_remote, ref_home,
+                                                          folder):
+    # INBOX: unsolicited home data reaches a client idling at home in routing mode.
+    server = ref_home if folder == "INBOX" else ref_remote
     client = IMAPClient("127.0.0.1", port=gateway.imap_port, ssl=False, timeout=15)
     client.login(REF_USER, REF_PASSWORD)
-    client.select_folder("public/announcements")
+    client.select_folder(folder)
     client.idle()
     try:
-        ref_remote.deliver(REF_USER, f"Subject: idle-{time.time_ns()}\r\n\r\nx\r\n".encode(),
-                           folder="public/announcements")
+        server.deliver(REF_USER, f"Subject: idle-{time.time_ns()}\r\n\r\nx\r\n".encode(),
+                       folder=folder)
         assert wait_for_exists(client)
     finally:
         client.idle_done()

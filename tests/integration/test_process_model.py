@@ -249,6 +249,11 @@ def test_check_config_accepts_the_example_and_rejects_typos(tmp_path):
                              str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"{bad}: server.gracefull_timeout: unknown key" in result.stderr
+    bad.write_text(example.read_text().replace("home_keepalive = 300.0", "home_keepalive = 0"))
+    result = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
+                             str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"{bad}: referrals.home_keepalive: must be a positive" in result.stderr
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server missing")
