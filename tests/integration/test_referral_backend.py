@@ -117,7 +117,7 @@ def test_greeting_and_capabilities(raw, client):
     typ, data = client.capability()
     assert typ == "OK"
     assert data[0].split() == (b"IMAP4rev1 LITERAL+ MAILBOX-REFERRALS ID IDLE UIDPLUS "
-                               b"UNSELECT NAMESPACE MOVE").split()
+                               b"UNSELECT NAMESPACE MOVE LIST-EXTENDED LIST-STATUS").split()
 
 
 def test_login_answer_carries_the_scripted_capabilities(raw):
@@ -132,7 +132,7 @@ def test_login_answer_carries_the_scripted_capabilities(raw):
     conn.send(REF_PASSWORD.encode() + b"\r\n")
     assert conn.until_tagged(b"b") == [
         (b"b OK [CAPABILITY IMAP4rev1 LITERAL+ MAILBOX-REFERRALS ID IDLE UIDPLUS UNSELECT "
-         b"NAMESPACE MOVE] Logged in\r\n")]
+         b"NAMESPACE MOVE LIST-EXTENDED LIST-STATUS] Logged in\r\n")]
 
 
 def test_wrong_password_gets_dovecots_answer(referral_backend):
