@@ -11,6 +11,9 @@ A test module takes them with ``from referral_fixtures import *``:
   capabilities (ARCHIVE_CAPABILITIES: no MOVE, UIDPLUS, UNSELECT), where each user has the
   folder "old" (one message, Subject "archive old"); referral back-ends made with
   ``archive=ref_archive`` refer "archive/old" to it (a referral that renames).
+* ``archive_home`` / ``archive_gateway``: one scripted home that also refers "archive/old",
+  and a started gateway in front of it (module scope: a gateway per test would use up the
+  test Redis's databases); ``routed_gateway(...)`` builds more.
 * ``referral_backend``: a started :class:`ReferralBackend` in front of ``ref_home`` that
   refers "public/..." to ``ref_remote``.
 * ``make_referral_backend(**kwargs)``: more of them (function scope, stopped at teardown),
@@ -30,7 +33,8 @@ from referral_backend import ReferralBackend
 
 __all__ = ["SLASH_NAMESPACE", "REF_USER", "REF_PASSWORD", "REF_USERS", "PUBLIC_FOLDERS",
            "ARCHIVE_CAPABILITIES", "ARCHIVE_FOLDER",
-           "ref_home", "ref_remote", "ref_archive", "referral_backend", "make_referral_backend"]
+           "ref_home", "ref_remote", "ref_archive", "referral_backend", "make_referral_backend",
+           "archive_home", "archive_gateway", "routed_gateway"]
 
 SLASH_NAMESPACE = "namespace inbox {\n  inbox = yes\n  separator = /\n}\n"
 REF_USER = "ref@example.com"
@@ -153,3 +157,42 @@ def make_referral_backend(ref_home, ref_remote):
     yield make
     for backend in made:
         backend.stop()
+
+
+def routed_gateway(tmp_path_factory, redis_server, home: ReferralBackend, remote, archive,
+                   sections: dict | None = None) -> servers.GatewayProcess:
+    """A started gateway routing REF_USERS to ``home``, with ``remote`` (PUBLIC) and
+    ``archive`` (ARCHIVE) as back-ends it may follow referrals to; the caller stops it."""
+    gateway = servers.GatewayProcess(
+        tmp_path_factory.mktemp("routed-gateway"), redis_url=redis_server.allocate_db(),
+        backends={"HOME": (home.host, home.port, home.port),
+                  "PUBLIC": (remote.host, remote.imap_port, remote.pop3_port),
+                  "ARCHIVE": (archive.host, archive.imap_port, archive.pop3_port)},
+        sections=sections)
+    try:
+        gateway.start()
+        gateway.route({user: "HOME" for user in REF_USERS})
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway
+
+
+@pytest.fixture(scope="module")
+def archive_home(ref_home, ref_remote, ref_archive):
+    """A scripted home that refers public/ to ref_remote and "archive/old" to ref_archive."""
+    backend = _backend(ref_home, ref_remote, archive=ref_archive).start()
+    try:
+        yield backend
+    finally:
+        backend.stop()
+
+
+@pytest.fixture(scope="module")
+def archive_gateway(tmp_path_factory, redis_server, archive_home, ref_remote, ref_archive):
+    gateway = routed_gateway(tmp_path_factory, redis_server, archive_home, ref_remote,
+                             ref_archive)
+    try:
+        yield gateway
+    finally:
+        gateway.stop()

@@ -14,29 +14,15 @@ from imapclient import IMAPClient
 
 from clients import ImapRaw
 from referral_fixtures import *  # noqa: F401,F403 - fixtures
-from referral_fixtures import ARCHIVE_FOLDER, REF_PASSWORD, REF_USER, REF_USERS
+from referral_fixtures import ARCHIVE_FOLDER, REF_PASSWORD, REF_USER
 
 _LIST = re.compile(rb'\* LIST \(([^)]*)\) (?:"/"|NIL) "?([^"]*)"?(.*)')
 _STATUS = re.compile(rb'\* STATUS "?([^"]*)"? \(MESSAGES (\d+)\)')
 
 
-@pytest.fixture(scope="module")
-def home(ref_home, ref_remote, ref_archive):
-    from referral_fixtures import _backend
-    backend = _backend(ref_home, ref_remote, archive=ref_archive).start()
-    try:
-        yield backend
-    finally:
-        backend.stop()
-
-
 @pytest.fixture
-def gateway(make_gateway, home, ref_remote, ref_archive):
-    return make_gateway(
-        backends={"HOME": (home.host, home.port, home.port),
-                  "PUBLIC": (ref_remote.host, ref_remote.imap_port, ref_remote.pop3_port),
-                  "ARCHIVE": (ref_archive.host, ref_archive.imap_port, ref_archive.pop3_port)},
-        routes={user: "HOME" for user in REF_USERS})
+def gateway(archive_gateway):
+    return archive_gateway
 
 
 @pytest.fixture

@@ -15,25 +15,12 @@ import time
 import pytest
 
 from referral_fixtures import *  # noqa: F401,F403 - fixtures
-from referral_fixtures import ARCHIVE_FOLDER, REF_PASSWORD, REF_USER, REF_USERS
+from referral_fixtures import ARCHIVE_FOLDER, REF_PASSWORD, REF_USER, routed_gateway
 
 
 @pytest.fixture
-def home(make_referral_backend, ref_archive):
-    return make_referral_backend(archive=ref_archive)
-
-
-def start_gateway(make_gateway, home, ref_remote, ref_archive, **sections):
-    return make_gateway(
-        backends={"HOME": (home.host, home.port, home.port),
-                  "PUBLIC": (ref_remote.host, ref_remote.imap_port, ref_remote.pop3_port),
-                  "ARCHIVE": (ref_archive.host, ref_archive.imap_port, ref_archive.pop3_port)},
-        routes={user: "HOME" for user in REF_USERS}, sections=sections or None)
-
-
-@pytest.fixture
-def gateway(make_gateway, home, ref_remote, ref_archive):
-    return start_gateway(make_gateway, home, ref_remote, ref_archive)
+def gateway(archive_gateway):
+    return archive_gateway
 
 
 def login(gateway) -> imaplib.IMAP4:
@@ -264,14 +251,14 @@ def test_create_rename_subscribe_delete_a_remote_folder(gateway, ref_remote):
 
 
 def test_home_connection_outlives_its_autologout_while_a_remote_folder_is_selected(
-        make_gateway, make_referral_backend, ref_remote, ref_archive):
+        tmp_path_factory, redis_server, make_referral_backend, ref_remote, ref_archive):
     # The scripted home logs a connection out after 4 s of silence (Dovecot's autologout is
     # a fixed 30 minutes); the gateway NOOPs every link unused for 1 s.
     home = make_referral_backend(idle_timeout=4.0)
-    gateway = start_gateway(make_gateway, home, ref_remote, ref_archive,
-                            referrals={"home_keepalive": 1.0})
-    client = login(gateway)
+    gateway = routed_gateway(tmp_path_factory, redis_server, home, ref_remote, ref_archive,
+                             {"referrals": {"home_keepalive": 1.0}})
     try:
+        client = login(gateway)
         typ, data = client.select("public/news")
         assert typ == "OK", data
         time.sleep(6)      # the scenario itself: longer than the home server's autologout
@@ -280,6 +267,7 @@ def test_home_connection_outlives_its_autologout_while_a_remote_folder_is_select
         assert typ == "OK", data
         typ, data = client.list('""', '"*"')
         assert typ == "OK" and any(b"public/news" in line for line in data)
-    finally:
         client.logout()
+    finally:
+        gateway.stop()
 
