@@ -128,7 +128,8 @@ class Head:
 
 class LinkPool:
     """The home link and the referred links of one session, at most one per server and
-    login name.  ``opener(target)`` returns a logged-in back-end (or raises LoginError)."""
+    login name.  ``opener(target)`` returns a logged-in back-end (or raises LoginError);
+    ``after_open(link)``, when set, prepares a new link before its first use."""
 
     def __init__(self, home: Link, opener: Callable[[Target], BackendConnection], policy,
                  login_name: str, session_id: str):
@@ -138,9 +139,15 @@ class LinkPool:
         self.login_name = login_name
         self.session_id = session_id
         self.remotes: dict[tuple[str, int, str], Link] = {}
+        self.after_open: Callable[[Link], None] | None = None
 
     def links(self) -> list[Link]:
         return [self.home, *self.remotes.values()]
+
+    def unused(self, seconds: float, busy: Link | None) -> list[Link]:
+        """The links nothing was sent on for ``seconds`` (``busy`` left out)."""
+        since = time.monotonic() - seconds
+        return [link for link in self.links() if link is not busy and link.last_sent <= since]
 
     def for_referral(self, referral: list) -> tuple[Link, Target] | None:
         """A link to the referral's first reachable allowed target (RFC 2193 §4: replicas
@@ -165,6 +172,8 @@ class LinkPool:
         link = Link(backend, target.config.name, self.home.before_wait)
         self.remotes[key] = link
         log.info("session=%s opened referred connection to %s", self.session_id, link.name)
+        if self.after_open is not None:
+            self.after_open(link)
         return link
 
     def drop(self, link: Link) -> None:

@@ -217,6 +217,15 @@ def renamed_status(line: bytes, wire_name: bytes) -> bytes:
     return b"* STATUS " + quoted + line[items:]
 
 
+def status_renamer(wire_name: bytes):
+    """An ``untagged`` filter (forwarding.Untagged) giving STATUS lines the client's name."""
+    def rename(line: bytes) -> bytes:
+        if line[:9].upper() == b"* STATUS " and wire_name:
+            return renamed_status(line, wire_name)
+        return line
+    return rename
+
+
 def format_entry(verb: str, entry: Entry, extra: bytes = b"") -> bytes:
     raw = entry.name.encode("utf-8")
     quoted = quote_bytes(raw)

@@ -15,7 +15,7 @@ server provide whatever mailbox is selected).
 """
 from __future__ import annotations
 
-import time
+import re
 
 import gevent
 
@@ -23,13 +23,13 @@ from gateway.imap import referrals, urls
 from gateway.imap.backend import BackendConnection, filter_capabilities
 from gateway.imap.forwarding import ClientSide, Forwarder, drop_all
 from gateway.imap.links import Head, Link, LinkDown, LinkPool, referred_opener
-from gateway.imap.listing import MergedList, parse_list, renamed_status
+from gateway.imap.listing import MergedList, parse_list, status_renamer
 from gateway.imap.parser import Atom, Line, Response
 from gateway.imap.remote_copy import copy_messages, locate
 
 # Command (UID's sub-command for UID) → method; anything else goes to the home server.
 COMMANDS = {
-    "LOGOUT": "cmd_logout", "CAPABILITY": "cmd_capability",
+    "LOGOUT": "cmd_logout", "CAPABILITY": "cmd_capability", "ENABLE": "cmd_enable",
     "LIST": "cmd_list", "LSUB": "cmd_list", "RLIST": "cmd_list", "RLSUB": "cmd_list",
     "SELECT": "cmd_select", "EXAMINE": "cmd_select", "STATUS": "cmd_status",
     "APPEND": "cmd_mailbox", "CREATE": "cmd_mailbox", "DELETE": "cmd_mailbox",
@@ -48,6 +48,8 @@ REMOTE_NEEDS = {
     "UNSELECT": "UNSELECT", "SORT": "SORT", "UID SORT": "SORT", "THREAD": "THREAD=",
     "UID THREAD": "THREAD=", "ESEARCH": "ESEARCH",
 }
+
+_EXTENSION = re.compile(r"[A-Za-z0-9=+.-]{1,64}")
 
 # Capabilities that hold whatever server the selected mailbox is on: the home server or the
 # gateway itself serves them (literals are re-encoded for each link; LIST is merged here).
@@ -73,6 +75,8 @@ class RoutingRelay:
         self.keepalive_every = settings.home_keepalive
         self.selected: Link | None = None
         self.busy: Link | None = None     # in IDLE: the keepalive leaves it alone
+        self.enabled: set[str] = set()    # extensions home said ENABLED (RFC 5161)
+        self.pool.after_open = self.enable
 
     # -- main loop ----------------------------------------------------------------------------
 
@@ -137,15 +141,19 @@ class RoutingRelay:
     def keepalive(self) -> None:
         """NOOP every link unused for ``[referrals] home_keepalive`` seconds, so that no
         back-end logs the session out while the client works on another server."""
-        now = time.monotonic()
-        for link in self.pool.links():
-            if link is self.busy or now - link.last_sent < self.keepalive_every * 0.9:
-                continue
-            shown = None if link is self.selected_link() else drop_all
-            answer = self.guarded(link, lambda: self.forwarder.gateway_command(
-                link, [Atom("NOOP")], shown))
-            if answer is not None and link is self.selected_link():
+        for link in self.pool.unused(self.keepalive_every * 0.9, self.busy):
+            shown = link is self.selected_link()   # its updates are the client's
+            if self.guarded(link, lambda: self.forwarder.gateway_command(
+                    link, [Atom("NOOP")], None if shown else drop_all)) is not None and shown:
                 self.client.flush()
+
+    def enable(self, link: Link) -> None:
+        """What the client ENABLEd at home, on a referred link too (RFC 5161), so that a
+        remote mailbox behaves as it asked (QRESYNC SELECT parameters, CONDSTORE MODSEQs)."""
+        if self.enabled and link.offers("ENABLE"):
+            words = [Atom(word) for word in sorted(self.enabled)]
+            self.guarded(link, lambda: self.forwarder.gateway_command(
+                link, [Atom("ENABLE"), *words]))
 
     def follow(self, head: Head, answer: Response, positions=(0,), untagged=None):
         """Follow a mailbox referral for the command (its mailbox at ``positions``):
@@ -179,6 +187,16 @@ class RoutingRelay:
 
     def cmd_home(self, head: Head) -> None:
         self.forwarder.forward(self.home, head)
+
+    def cmd_enable(self, head: Head) -> None:
+        def note(line: bytes) -> bytes:
+            if line[:10].upper() == b"* ENABLED ":
+                self.enabled.update(w for w in line[10:].decode("ascii", "replace").split()
+                                    if _EXTENSION.fullmatch(w))
+            return line
+        self.forwarder.forward(self.home, head, untagged=note)
+        for link in list(self.pool.remotes.values()):
+            self.enable(link)
 
     def cmd_logout(self, head: Head) -> bool:
         self.forwarder.forward(self.home, head)
@@ -234,10 +252,10 @@ class RoutingRelay:
     def leave(self, link: Link) -> None:
         """Deselect a referred server's mailbox without expunging; its later updates must
         not reach the client as if they were of the new mailbox's."""
-        if not link.offers("UNSELECT"):
+        if link.offers("UNSELECT"):
+            self.guarded(link, lambda: self.forwarder.gateway_command(link, [Atom("UNSELECT")]))
+        else:
             self.pool.drop(link)
-            return
-        self.guarded(link, lambda: self.forwarder.gateway_command(link, [Atom("UNSELECT")]))
 
     def cmd_close(self, head: Head) -> None:
         link = self.selected_link()
@@ -260,13 +278,7 @@ class RoutingRelay:
         if not self.forwarder.is_referral(answer):
             return
         mailbox = head.command.args[0] if head.command and head.command.args else b""
-        wire = mailbox.encode() if isinstance(mailbox, str) else mailbox
-
-        def rename(line: bytes) -> bytes:
-            if line[:9].upper() == b"* STATUS " and isinstance(wire, bytes):
-                return renamed_status(line, wire)
-            return line
-        self.follow(head, answer, untagged=rename)
+        self.follow(head, answer, untagged=status_renamer(_wire(mailbox)))
 
     def cmd_rename(self, head: Head) -> None:
         """RFC 2193 §5: RENAME is referred with a URL pair on one server."""

@@ -189,11 +189,26 @@ def test_capabilities_follow_the_selected_mailboxs_server(gateway):
 
 
 def test_status_keeps_the_clients_name_when_the_referral_renames(gateway):
+    folders = (ARCHIVE_FOLDER, "public/news")     # "old" on its server; the same name
     client = login(gateway)
     try:
-        typ, data = client.status(ARCHIVE_FOLDER, "(MESSAGES)")
+        answers = [client.status(folder, "(MESSAGES)") for folder in folders]
+    finally:
+        client.logout()
+    for folder, (typ, data) in zip(folders, answers):
+        assert typ == "OK" and data[0].startswith(f'"{folder}" (MESSAGES '.encode()), data
+
+
+def test_enable_at_home_holds_on_a_remote_folder(gateway):
+    # RFC 7162: SELECT's QRESYNC parameter is refused unless QRESYNC was ENABLEd; the
+    # client ENABLEd it at home, so the gateway enables it on the referred link too.
+    client = login(gateway)
+    try:
+        typ, data = client._simple_command("ENABLE", "QRESYNC")
         assert typ == "OK", data
-        assert data[0].startswith(f'"{ARCHIVE_FOLDER}" (MESSAGES '.encode()), data
+        assert b"QRESYNC" in b" ".join(client.untagged_responses.pop("ENABLED", [b""]))
+        typ, data = client._simple_command("SELECT", '"public/news"', "(QRESYNC (1 1))")
+        assert typ == "OK", data
     finally:
         client.logout()
 
