@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from gateway.imap import parser, referrals, urls
+from gateway.imap.backend import filter_capability_line
 from gateway.imap.links import Head, Link, LinkDown, encode_tokens, with_marker
 from gateway.imap.parser import Atom, Line, LiteralChunk, Response
 from gateway.imap.reader import ImapReader
@@ -159,9 +160,10 @@ class Forwarder:
     that said RLIST, when allowed) shows them as they are.
     """
 
-    def __init__(self, client: ClientSide):
+    def __init__(self, client: ClientSide, capabilities_kept: tuple[str, ...] = ()):
         self.client = client
         self.passthrough = False
+        self.capabilities_kept = capabilities_kept   # for filter_capability_line
         self.tags = 0
 
     def next_tag(self) -> str:
@@ -316,6 +318,8 @@ class Forwarder:
                     dropping = line is None
                 if not (dropping or self.passthrough) and b"[REFERRAL " in line[:40].upper():
                     line = _REFERRAL_CODE.sub(b"", line)
+                elif not dropping and line[:13].upper() == b"* CAPABILITY ":
+                    line = filter_capability_line(line, self.capabilities_kept)
             if not dropping:
                 self.client.to_client(line)
             continuation = event.literal is not None

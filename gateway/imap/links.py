@@ -16,6 +16,7 @@ from gateway.imap import parser
 from gateway.imap import login, referrals
 from gateway.imap.backend import BackendConnection, quote_bytes
 from gateway.imap.parser import Atom
+from gateway.metrics import recorder
 from gateway.session import LoginError, Target
 
 log = logging.getLogger("mailgate.imap.links")
@@ -154,7 +155,9 @@ class LinkPool:
         in order), or None when none can be used."""
         for target in self.policy.targets(referral, self.login_name, self.session_id):
             try:
-                return self.open(target), target
+                link = self.open(target)
+                recorder.referral("mailbox")
+                return link, target
             except LinkDown as down:
                 log.warning("session=%s referred server %s unavailable: %s", self.session_id,
                             target.config.name, down)

@@ -65,7 +65,7 @@ class RoutingRelay:
         settings = session.service.config.referrals
         self.allow_passthrough = settings.pass_to_capable_clients
         self.client = ClientSide(session, self.keepalive, settings.home_keepalive)
-        self.forwarder = Forwarder(self.client)
+        self.forwarder = Forwarder(self.client, session.capabilities_kept())
         # The credentials stay in the opener's closure for this session only, never logged.
         self.pool = LinkPool(Link(home, home.name, self.client.flush),
                              referred_opener(session, password, mechanism),
@@ -212,7 +212,7 @@ class RoutingRelay:
         """What the client may use now: home's list as filtered at login, less what the
         selected mailbox's server lacks (the gateway cannot lend a server an extension)."""
         words = filter_capabilities(self.home.backend.capability_words,
-                                    self.session.capabilities_kept())
+                                    self.forwarder.capabilities_kept)
         remote = self.selected if self.selected is not self.home else None
         self.client.to_client(b"* CAPABILITY " + advertised(words, remote) + b"\r\n")
         self.client.reply(head.tag, "OK Capability completed.")
