@@ -6,7 +6,7 @@ CONFIG ?= deploy/gateway.example.toml
 # Debian packages the test suite starts as real servers.
 TEST_PACKAGES := redis-server redis-sentinel dovecot-imapd dovecot-pop3d slapd ldap-utils haproxy nginx-light libnginx-mod-mail
 
-.PHONY: run test venv deps bench check-config clean
+.PHONY: run test venv deps bench check-config clean demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ run: venv
 	@command -v redis-server >/dev/null || { echo "redis-server is missing: install it with 'apt-get install redis-server' (or set [redis] url)"; exit 2; }
 	$(PY) -m gateway serve --config $(CONFIG)
 
+# Two throwaway Dovecot back-ends with sample users behind the gateway (IMAPS, self-made CA).
+demo: venv
+	$(PY) deploy/demo.py
+
 deps:
 	@bash deploy/install-test-deps.sh $(TEST_PACKAGES)
 
@@ -28,6 +32,7 @@ test: deps venv
 bench: venv
 	$(PY) -m bench
 	$(PY) -m bench.metrics_cost
+	$(PY) -m bench.tls
 
 check-config: venv
 	$(PY) -m gateway check-config --config $(CONFIG)

@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     logs.setup(config.server.log_level, config.server.log_format)
+    if args.command in ("serve", "check-config"):
+        from gateway import tls
+        try:
+            tls.check(config)   # certificates, keys, CA files: one line, never a traceback
+        except tls.TlsError as exc:
+            print(f"config error: {config.path}: {exc}", file=sys.stderr)
+            return 2
     return COMMANDS[args.command](config, args)
 
 

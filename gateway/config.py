@@ -23,6 +23,10 @@ class ConfigError(Exception):
 class ServerConfig:
     workers: int = 0                 # 0 = one per CPU
     graceful_timeout: float = 30.0   # seconds open sessions get on TERM / HUP
+    # On TERM: seconds the gateway goes on accepting while /healthz already answers 503,
+    # so that the load balancer stops sending first (0 = stop accepting at once).
+    drain_delay: float = 0.0
+    probe_backends: bool = True      # at start, log each back-end a TCP connect cannot reach
     max_connections: int = 10000     # per worker; accepting pauses when full
     heartbeat_timeout: float = 10.0  # a worker silent this long is killed and replaced
     auth_failure_delay: float = 2.0  # a failed login is answered no sooner than this
@@ -37,12 +41,18 @@ class ServerConfig:
         return self.workers or (os.cpu_count() or 1)
 
 
+LOOPBACK_CIDRS = ("127.0.0.0/8", "::1/128")
+
+
 @dataclass(frozen=True)
 class ListenConfig:
     protocol: str = "imap"
     address: str = ""
     tls: str = "none"
+    # Default: on unless bound to loopback (set by _listeners from the address).
+    require_tls_for_login: bool = False
     proxy_protocol: bool = False
+    proxy_trusted: tuple[str, ...] = LOOPBACK_CIDRS   # who may send a PROXY header
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -50,9 +60,26 @@ class ListenConfig:
 
 
 @dataclass(frozen=True)
+class CertificateConfig:
+    """One more certificate, chosen by SNI for ``server_names`` ("*.example.com" allowed)."""
+    cert_file: str = ""
+    key_file: str = ""
+    chain_file: str = ""
+    server_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TLSConfig:
     cert_file: str = ""
     key_file: str = ""
+    chain_file: str = ""                # intermediates, if not appended to cert_file
+    min_version: str = "1.2"            # "1.2" | "1.3"
+    ciphers: str = ""                   # OpenSSL cipher list for TLS 1.2 ("" = modern default)
+    session_cache: bool = True          # server-side session resumption (per worker)
+    session_tickets: bool = True        # RFC 5077 tickets (resumption across workers' restarts)
+    session_lifetime: float = 300.0     # seconds a session may be resumed
+    handshake_timeout: float = 10.0     # whole handshake bound
+    certificates: tuple[CertificateConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,7 +122,9 @@ class BackendConfig:
     address: str = ""
     imap_port: int = 143
     pop3_port: int = 110
-    tls: str = "none"
+    tls: str = "none"                  # "none" | "starttls" | "implicit"
+    tls_ca_file: str = ""              # CA bundle the back-end's certificate is checked against
+    tls_verify_name: str = ""          # name its certificate must carry ("" = address)
     connect_timeout: float = 5.0       # connect + greeting
     login_timeout: float = 15.0        # login command answered
 
@@ -252,7 +281,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     if server.status_interval <= 0:
         raise reader.fail("server.status_interval", "must be above 0")
     listen = _listeners(reader, raw.get("listen", []))
-    tls = reader.table(TLSConfig, raw.get("tls", {}), "tls")
+    tls = _tls(reader, raw.get("tls", {}))
     if any(l.tls != "none" for l in listen) and not (tls.cert_file and tls.key_file):
         raise reader.fail("tls.cert_file", "TLS listeners need tls.cert_file and tls.key_file")
     redis = _redis(reader, raw.get("redis", {}))
@@ -361,6 +390,41 @@ def _check_ldap(reader: _Reader, directory: DirectoryConfig) -> None:
         raise reader.fail("directory.lookup_timeout", "must be above 0")
 
 
+def _tls(reader: _Reader, raw: Any) -> TLSConfig:
+    """[tls] with its [[tls.certificates]] array (SNI)."""
+    if not isinstance(raw, dict):
+        raise reader.fail("tls", "must be a table")
+    raw = dict(raw)
+    extra = raw.pop("certificates", [])
+    if not isinstance(extra, list):
+        raise reader.fail("tls.certificates", "must be an array of tables ([[tls.certificates]])")
+    certificates = []
+    for index, entry in enumerate(extra):
+        key = f"tls.certificates[{index}]"
+        cert = reader.table(CertificateConfig, entry, key)
+        if not (cert.cert_file and cert.key_file):
+            raise reader.fail(f"{key}.cert_file", "cert_file and key_file are required")
+        if not cert.server_names:
+            raise reader.fail(f"{key}.server_names", "name at least one SNI host name")
+        certificates.append(cert)
+    tls = reader.table(TLSConfig, raw, "tls", certificates=tuple(certificates))
+    if tls.min_version not in ("1.2", "1.3"):
+        raise reader.fail("tls.min_version", "must be \"1.2\" or \"1.3\"")
+    if tls.handshake_timeout <= 0:
+        raise reader.fail("tls.handshake_timeout", "must be above 0")
+    if certificates and not tls.cert_file:
+        raise reader.fail("tls.cert_file", "[[tls.certificates]] need a default certificate")
+    return tls
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
 def _listeners(reader: _Reader, raw: Any) -> tuple[ListenConfig, ...]:
     if not isinstance(raw, list):
         raise reader.fail("listen", "must be an array of tables ([[listen]])")
@@ -376,6 +440,8 @@ def _listeners(reader: _Reader, raw: Any) -> tuple[ListenConfig, ...]:
             host_port = listener.host_port
         except ValueError as exc:
             raise reader.fail(f"{key}.address", str(exc)) from None
+        listener = _listener_policy(reader, key, listener,
+                                    isinstance(entry, dict) and "require_tls_for_login" in entry)
         if host_port in seen:
             raise reader.fail(f"{key}.address", "listed twice")
         seen.add(host_port)
@@ -383,6 +449,33 @@ def _listeners(reader: _Reader, raw: Any) -> tuple[ListenConfig, ...]:
     if not result:
         raise reader.fail("listen", "at least one [[listen]] entry is needed")
     return tuple(result)
+
+
+def _listener_policy(reader: _Reader, key: str, listener: ListenConfig,
+                     explicit_require: bool) -> ListenConfig:
+    """Defaults and combinations that depend on other keys of the same listener."""
+    import ipaddress
+    if not explicit_require and listener.protocol != "health":
+        listener = dataclasses.replace(
+            listener, require_tls_for_login=not is_loopback(listener.host_port[0]))
+    if listener.protocol == "health":
+        if listener.tls != "none":
+            raise reader.fail(f"{key}.tls", "the health listener is plain HTTP")
+        if listener.proxy_protocol:
+            raise reader.fail(f"{key}.proxy_protocol", "not supported on the health listener")
+        if explicit_require and listener.require_tls_for_login:
+            raise reader.fail(f"{key}.require_tls_for_login", "the health listener has no login")
+    elif listener.tls == "none" and listener.require_tls_for_login:
+        why = "is on" if explicit_require else "defaults to true off loopback"
+        raise reader.fail(f"{key}.require_tls_for_login",
+                          f"{why} but tls = \"none\": no login could ever succeed; "
+                          "set tls, or require_tls_for_login = false")
+    for cidr in listener.proxy_trusted:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise reader.fail(f"{key}.proxy_trusted", f"{cidr!r} is not a CIDR") from None
+    return listener
 
 
 def _backends(reader: _Reader, raw: Any) -> dict[str, BackendConfig]:
@@ -396,6 +489,8 @@ def _backends(reader: _Reader, raw: Any) -> dict[str, BackendConfig]:
             raise reader.fail(f"{key}.address", "is required")
         if backend.tls not in TLS_MODES:
             raise reader.fail(f"{key}.tls", f"must be one of {', '.join(TLS_MODES)}")
+        if backend.tls == "none" and (backend.tls_ca_file or backend.tls_verify_name):
+            raise reader.fail(f"{key}.tls_ca_file", "needs tls = \"starttls\" or \"implicit\"")
         for port_key in ("imap_port", "pop3_port"):
             if not 0 < getattr(backend, port_key) < 65536:
                 raise reader.fail(f"{key}.{port_key}", "must be a port number")

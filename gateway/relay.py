@@ -120,6 +120,15 @@ class _Direction:
         self.writer.close()
 
 
+def for_session(session, client, backend, observe=None, rewrite=None):
+    """The relay for one session: this module's for plain sockets, gateway.tlsrelay's (the
+    same callbacks, TLS-aware) when either side is a TLS connection."""
+    if getattr(client, "is_tls", False) or getattr(backend, "is_tls", False):
+        from gateway.tlsrelay import TlsRelay
+        return TlsRelay(session, client, backend, observe, rewrite)
+    return Relay(session, client, backend, observe, rewrite)
+
+
 class Relay:
     """The relay of one logged-in session, from ``start()`` until ``finish()``.
 

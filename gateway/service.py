@@ -30,6 +30,9 @@ class Service:
         from gateway.imap.referrals import ReferralPolicy
         self.referral_policy = ReferralPolicy(config)
         self.sessions: set = set()
+        self.draining = False          # the gateway is stopping: /healthz answers 503
+        from gateway import tls
+        self.tls_context = tls.server_context(config)   # after fork: each worker its own
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}"
         self.move_listener = self._start_move_listener()
@@ -43,8 +46,8 @@ class Service:
     def handler(self, listen):
         """A callable(socket, address) serving one client of this listener to the end."""
         if listen.protocol == "health":
-            from gateway import metrics
-            return lambda client, address: metrics.serve_http(self, client)
+            from gateway import health
+            return health.handler(self)
         from gateway.imap.client import ImapSession
         from gateway.pop3.client import Pop3Session
         from gateway.logs import event
@@ -54,8 +57,13 @@ class Service:
             raise ValueError(f"protocol {listen.protocol!r} is not served yet")
 
         limit = self.config.server.max_connections
+        from gateway import proxyproto
+        trusted = proxyproto.networks(listen.proxy_trusted)
 
         def handle(client: socket.socket, address) -> None:
+            client, address = self.accept(client, address, listen, trusted)
+            if client is None:
+                return
             session = session_class(self, client, address, listen)
             if len(self.sessions) >= limit:
                 recorder.refused(listen.protocol, "worker")
@@ -68,6 +76,30 @@ class Service:
             self.sessions.add(session)
             session.run()     # a logged-in session goes on in the relay after this returns
         return handle
+
+    def accept(self, client, address, listen, trusted):
+        """Before the greeting: the PROXY header (when the listener expects one) and the TLS
+        handshake of an implicit-TLS listener, each bounded in time.  Returns (connection,
+        client address) or (None, None) after closing a refused connection."""
+        from gateway import proxyproto, tls
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        try:
+            if listen.proxy_protocol:
+                if not proxyproto.is_trusted(address[0], trusted):
+                    raise proxyproto.ProxyError("PROXY header from an untrusted address")
+                header = proxyproto.read_header(client)
+                if header.source is not None:
+                    address = header.source
+            if listen.tls == "implicit":
+                client = tls.handshake_metered(client, self.tls_context,
+                                               self.config.tls.handshake_timeout)
+        except (proxyproto.ProxyError, tls.TlsHandshakeError) as exc:
+            from gateway.logs import event
+            event(log, logging.INFO, "refused", client=peer, listener=listen.address,
+                  reason=str(exc))
+            client.close()
+            return None, None
+        return client, address
 
     def forget(self, session) -> None:
         self.sessions.discard(session)

@@ -125,7 +125,24 @@ def connect(backend_config: BackendConfig, protocol: str) -> socket.socket:
                          f"connect {backend_config.name} {address[0]}:{address[1]}: {reason}") from None
     recorder.backend_connect(backend_config.name, time.perf_counter() - started)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if backend_config.tls != "none":
+        return _secure(sock, backend_config, protocol)
     return sock
+
+
+def _secure(sock, backend: BackendConfig, protocol: str):
+    """[backends.NAME] tls: implicit TLS or STARTTLS/STLS, the certificate verified."""
+    from gateway import tls
+    try:
+        if backend.tls == "implicit":
+            return tls.wrap_client(sock, backend, backend.connect_timeout)
+        return tls.starttls_client(sock, backend, protocol, backend.connect_timeout)
+    except (tls.TlsError, OSError) as exc:
+        sock.close()
+        reason = "timed out" if isinstance(exc, socket.timeout) else \
+            (getattr(exc, "strerror", None) or str(exc))
+        log.warning("backend=%s tls=%s refused: %s", backend.name, backend.tls, reason)
+        raise LoginError(Failure.UNAVAILABLE, f"backend {backend.name}: TLS: {reason}") from None
 
 
 def _numeric_family(host: str) -> int | None:
@@ -164,11 +181,37 @@ class Session:
         self.closing = False
         self.login_failures = 0
         self.admission = None   # limits.Admission of the login in progress or done
-        self.tls = False        # the client connection is TLS (set by the TLS code)
+        self.tls = getattr(client, "is_tls", False)   # implicit TLS, or after STARTTLS
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+    # -- TLS (gateway.tls) ----------------------------------------------------------------
+
+    @property
+    def can_start_tls(self) -> bool:
+        """STARTTLS/STLS is offered: a "starttls" listener, not yet encrypted."""
+        return self.listen.tls == "starttls" and not self.tls
+
+    @property
+    def login_allowed(self) -> bool:
+        """[[listen]] require_tls_for_login: no credentials in clear text."""
+        return self.tls or not self.listen.require_tls_for_login
+
+    def start_tls(self) -> None:
+        """The server handshake on the client connection (after the protocol's "go ahead"),
+        then a new reader: every byte read before is dropped (RFC 3207 §4.2, RFC 2595 §4).
+        The protocol supplies ``new_reader(sock)``; the pre-login bounds carry over."""
+        from gateway import tls
+        try:
+            self.client = tls.handshake_metered(self.client, self.service.tls_context,
+                                                self.service.config.tls.handshake_timeout)
+        except tls.TlsHandshakeError as exc:
+            raise ClientGone(str(exc)) from None
+        old, self.reader = self.reader, self.new_reader(self.client)
+        self.reader.idle_timeout, self.reader.deadline = old.idle_timeout, old.deadline
+        self.tls = True
 
     # -- the session's life -------------------------------------------------------------------
 
@@ -215,7 +258,7 @@ class Session:
         The session's greenlet ends after this; the relay calls relay_ended() and then
         relay_closed() when either side stops.
         """
-        from gateway.relay import Relay
+        from gateway.relay import for_session
         try:
             if backend_pending:
                 self.send(backend_pending)
@@ -227,7 +270,7 @@ class Session:
         except OSError as exc:
             self.end(f"backend write error: {exc.strerror or exc}")
             return
-        self.relay = Relay(self, self.client, self.backend_sock, observe, rewrite)
+        self.relay = for_session(self, self.client, self.backend_sock, observe, rewrite)
         self.client = self.backend_sock = None
         self.relay.start()
 
@@ -254,6 +297,10 @@ class Session:
     # The protocol part: what the client sees first, reads, and gets when the server ends it.
     internal_error_line = b""
     reader = None     # the protocol's gateway.stream reader of the client, until login
+
+    def new_reader(self, client):
+        """A fresh pre-login reader of ``client`` (made again after STARTTLS/STLS)."""
+        raise NotImplementedError
 
     def greeting(self) -> bytes:
         raise NotImplementedError

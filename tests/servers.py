@@ -208,7 +208,7 @@ class RedisServer(_Process):
     """A private redis-server on a free loopback port, without persistence."""
 
     name = "redis"
-    DATABASES = 256
+    DATABASES = 512       # one per gateway a test run makes (the whole suite makes >100)
 
     def __init__(self, tmpdir):
         super().__init__(tmpdir)
@@ -285,9 +285,13 @@ class Dovecot(_Process):
 
     def __init__(self, tmpdir, name: str, users: dict[str, str], *, extra_conf: str = "",
                  passdb_extra: dict[str, str] | None = None,
-                 userdb_extra: dict[str, str] | None = None):
+                 userdb_extra: dict[str, str] | None = None,
+                 ssl_files: tuple | None = None):
         super().__init__(tmpdir)
         self.name = name
+        self.ssl_files = ssl_files      # (cert, key): ssl = yes, STARTTLS and imaps/pop3s
+        self.imaps_port = 0
+        self.pop3s_port = 0
         self.users = dict(users)
         self.extra_conf = extra_conf
         self.passdb_extra = dict(passdb_extra or {})
@@ -349,7 +353,7 @@ info_log_path = {root}/dovecot.info.log
 debug_log_path = {root}/dovecot.info.log
 protocols = imap pop3
 listen = {self.host}
-ssl = no
+{self._ssl_config()}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_cache_size = 0
@@ -383,7 +387,8 @@ service imap-login {{
     port = {self.imap_port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = {self.host}
+    port = {self.imaps_port}
   }}
 }}
 service pop3-login {{
@@ -392,7 +397,8 @@ service pop3-login {{
     port = {self.pop3_port}
   }}
   inet_listener pop3s {{
-    port = 0
+    address = {self.host}
+    port = {self.pop3s_port}
   }}
 }}
 service anvil {{
@@ -402,6 +408,16 @@ service anvil {{
 }}
 {self.extra_conf}
 """
+
+    def _ssl_config(self) -> str:
+        if not self.ssl_files:
+            return "ssl = no"
+        folder = self.root / "ssl"
+        folder.mkdir(exist_ok=True)
+        for source, target in zip(self.ssl_files, ("cert.pem", "key.pem")):
+            shutil.copy(source, folder / target)
+        return (f"ssl = yes\nssl_cert = <{folder / 'cert.pem'}\n"
+                f"ssl_key = <{folder / 'key.pem'}\nssl_min_protocol = TLSv1.2")
 
     def _make_dir(self, path: Path) -> None:
         """mkdir -p, with every created folder owned by the mail user."""
@@ -427,6 +443,9 @@ service anvil {{
         # Ports may be chosen before start() (a referral to this server must name them).
         self.imap_port = self.imap_port or free_port()
         self.pop3_port = self.pop3_port or free_port()
+        if self.ssl_files:
+            self.imaps_port = self.imaps_port or free_port()
+            self.pop3s_port = self.pop3s_port or free_port()
         (self.root / "users").write_text(self._passwd_file())
         (self.root / "users").chmod(0o644)   # read by the auth process (default_internal_user)
         (self.root / "mail").mkdir(mode=0o755)
@@ -435,8 +454,9 @@ service anvil {{
             self._make_dir(self.maildir(login))
         self.config_path.write_text(self._config())
         self._spawn([binary, "-F", "-c", str(self.config_path)], self.root / "dovecot.stderr")
-        self._await_ports((self.imap_port, self.pop3_port), f"dovecot {self.name}",
-                          self.log_text)
+        ports = (self.imap_port, self.pop3_port) + \
+            ((self.imaps_port, self.pop3s_port) if self.ssl_files else ())
+        self._await_ports(ports, f"dovecot {self.name}", self.log_text)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
@@ -549,13 +569,17 @@ class GatewayProcess(_Process):
     [backends.NAME] keys.  ``sections`` adds keys to (or adds) other top-level tables,
     e.g. ``{"directory": {"miss": "unavailable"}, "imap": {"preauth_timeout": 2}}``;
     ``extra_toml`` is appended verbatim (it must not repeat a generated table).
+    ``listeners`` maps a name (the key of ``ports``) to [[listen]] keys, e.g.
+    ``{"imaps": {"protocol": "imap", "tls": "implicit"}}``; the default is one plain
+    listener per entry of ``protocols``.
     """
 
     name = "gateway"
 
     def __init__(self, tmpdir, *, backends: dict, redis_url: str, workers: int = 2,
                  extra_toml: str = "", server_overrides: dict | None = None,
-                 protocols=("imap", "pop3"), sections: dict | None = None):
+                 protocols=("imap", "pop3"), sections: dict | None = None,
+                 listeners: dict | None = None):
         super().__init__(tmpdir)
         self.backends = backends
         self.redis_url = redis_url
@@ -563,6 +587,8 @@ class GatewayProcess(_Process):
         self.extra_toml = extra_toml
         self.server_overrides = dict(server_overrides or {})
         self.protocols = tuple(protocols)
+        self.listeners = {k: dict(v) for k, v in (listeners or {}).items()} or \
+            {protocol: {"protocol": protocol} for protocol in self.protocols}
         self.sections = {k: dict(v) for k, v in (sections or {}).items()}
         self.host = LOOPBACK
         self.ports: dict[str, int] = {}
@@ -579,19 +605,22 @@ class GatewayProcess(_Process):
 
     def write_config(self) -> Path:
         """Write the TOML config (new free ports each time) and return its path."""
-        self.ports = {protocol: free_port() for protocol in self.protocols}
+        self.ports = {name: free_port() for name in self.listeners}
         sections = {k: dict(v) for k, v in self.sections.items()}
         server = {"workers": self.workers, "graceful_timeout": 5, "heartbeat_timeout": 10,
                   "run_dir": str(self.tmpdir / "run"), "log_level": "debug"}
         if "auth_failure_delay" in _server_keys():
             server["auth_failure_delay"] = 0   # tests fail logins on purpose; not the default
+        if "probe_backends" in _server_keys():
+            # Scripted test back-ends take every connection for the gateway's login.
+            server["probe_backends"] = False
         server.update(self.server_overrides)
         server.update(sections.pop("server", {}))
         parts = [_toml_table("[server]", server)]
-        for protocol, port in self.ports.items():
+        for name, port in self.ports.items():
             parts.append(_toml_table("[[listen]]", {
-                "protocol": protocol, "address": f"{self.host}:{port}",
-                "tls": "none", "proxy_protocol": False}))
+                "protocol": name, "address": f"{self.host}:{port}",
+                "tls": "none", "proxy_protocol": False, **self.listeners[name]}))
         parts.append(_toml_table("[redis]", {"url": self.redis_url, **sections.pop("redis", {})}))
         for name, backend in self.backends.items():
             if not isinstance(backend, dict):
@@ -820,3 +849,34 @@ access to * by users read by * none
         server = ldap3.Server(self.host, port=self.port, get_info=ldap3.NONE)
         return ldap3.Connection(server, self.ROOT_DN, self.ROOT_PASSWORD, auto_bind=True,
                                 raise_exceptions=True, receive_timeout=30)
+
+
+class HAProxy(_Process):
+    """The real haproxy in the foreground (``-db``) with a given configuration text;
+    ``start()`` waits until every port in ``ports`` accepts connections."""
+
+    name = "haproxy"
+
+    def __init__(self, tmpdir, config_text: str, ports):
+        super().__init__(tmpdir)
+        self.host = LOOPBACK
+        self.config_text = config_text
+        self.ports = list(ports)
+        self.config_path = self.tmpdir / "haproxy.cfg"
+        self.log_path = self.tmpdir / "haproxy.log"
+
+    def start(self) -> "HAProxy":
+        binary = find_binary("haproxy")
+        if binary is None:
+            raise FileNotFoundError("haproxy is not installed")
+        self.config_path.write_text(self.config_text)
+        check = subprocess.run([binary, "-c", "-f", str(self.config_path)],
+                               capture_output=True, text=True, timeout=60)
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy -c failed:\n{check.stdout}{check.stderr}")
+        self._spawn([binary, "-db", "-f", str(self.config_path)], self.log_path)
+        self._await_ports(self.ports, "haproxy", lambda: _tail(self.log_path))
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from gateway import config as config_mod
 from gateway import metrics
 from gateway import status as status_mod
+from gateway import tls
+from workers.probe import BackendProbe
 from workers.services import EmbeddedRedis, ServiceError, SyncJob
 from workers.sockets import BindError, SocketSet
 
@@ -66,19 +68,23 @@ class Arbiter:
         self.pipe: tuple[int, int] | None = None
         self.stopping = False
         self.status = None
+        self.probe: BackendProbe | None = None
 
     # -- start and main loop ---------------------------------------------------------------
 
     def run(self) -> int:
         try:
             self.start()
-        except (BindError, ServiceError) as exc:
+        except (BindError, ServiceError, tls.TlsError) as exc:
             log.error("%s", exc)
             self.cleanup()
             return 2
         try:
             self.spawn_missing()
             self.status.maybe_write(self, 0)     # "status" works from the first second
+            # After the first workers: a slow resolver cannot hold the start up.
+            if self.config.server.probe_backends:
+                self.probe = BackendProbe(self.config)   # polled by step()
             while True:
                 self.step()
         except StopIteration:
@@ -107,6 +113,7 @@ class Arbiter:
         if self.config.server.pidfile:
             with open(self.config.server.pidfile, "w") as fh:
                 fh.write(f"{os.getpid()}\n")
+        tls.preload(self.config)   # TlsError: one line, exit 2 (run() catches it)
         self.sockets.ensure([l.host_port for l in self.config.listen])
         # After binding (a second master on the same run_dir fails before touching the
         # first's files) and before any fork: workers inherit the folder in the environment.
@@ -152,6 +159,10 @@ class Arbiter:
         self.reap_workers()
         self.murder_workers()
         self.spawn_missing()
+        if self.probe is not None:
+            self.probe.poll()
+            if self.probe.done:
+                self.probe = None
         if self.sync_job and not self.stopping:
             self.sync_job.tick()
         self.status.maybe_write(self, self.config.server.status_interval)
@@ -186,8 +197,10 @@ class Arbiter:
         """Reload: new config, new workers first, then the old ones retire gracefully."""
         try:
             fresh = config_mod.load(self.config.path)
+            tls.check(fresh)
+            tls.preload(fresh)   # new workers get the new certificates; old sessions keep theirs
             self.sockets.ensure([l.host_port for l in fresh.listen])
-        except (config_mod.ConfigError, BindError) as exc:
+        except (config_mod.ConfigError, BindError, tls.TlsError) as exc:
             log.error("HUP: new config rejected, keeping the running one: %s", exc)
             return
         self.config = fresh
@@ -229,6 +242,8 @@ class Arbiter:
                 signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_DFL)
             os.close(self.pipe[0])
             os.close(self.pipe[1])
+            if self.probe is not None:
+                self.probe.close()     # the child's copies of the master's probe sockets
             from workers import worker  # gevent is imported here, in the child only
             status = worker.main(self.config, self.sockets.fds(), heartbeat, self.redis_url)
         except SystemExit as exc:
@@ -296,10 +311,12 @@ class Arbiter:
     def stop(self, graceful: bool) -> None:
         """Stop every worker (TERM = drain, QUIT = now) and wait for them."""
         self.stopping = True
-        sig = signal.SIGTERM if graceful else signal.SIGQUIT
+        # USR1: drain like TERM and tell the load balancer (/healthz 503) meanwhile.
+        sig = signal.SIGUSR1 if graceful else signal.SIGQUIT
         for worker in self.workers.values():
             self.kill(worker.pid, sig)
-        limit = (self.config.server.graceful_timeout if graceful else 0) + 5
+        server = self.config.server
+        limit = (server.graceful_timeout + server.drain_delay if graceful else 0) + 5
         deadline = time.monotonic() + limit
         while self.workers and time.monotonic() < deadline:
             self.reap_workers_quietly()
@@ -320,6 +337,8 @@ class Arbiter:
     def cleanup(self) -> None:
         if getattr(self, "status", None) is not None:
             self.status.remove()
+        if self.probe is not None:
+            self.probe.close()
         if self.sync_job:
             self.sync_job.stop()
         if self.redis:

@@ -37,6 +37,7 @@ class Worker:
         from gateway.metrics import recorder
         recorder.start_worker(sorted({l.protocol for l in config.listen} - {"health"}))
         self.recorder = recorder
+        self.announce = False      # the whole gateway stops: /healthz says 503 while draining
         from gateway.service import Service  # protocol code: in the worker only
         self.service = Service(config, redis_url)
         self.servers: list[StreamServer] = []
@@ -47,11 +48,15 @@ class Worker:
             pool = Pool(config.server.max_connections)
             server = StreamServer(listener, self.service.handler(listen), spawn=pool)
             server.max_accept = MAX_ACCEPT
+            server.is_health = listen.protocol == "health"
             self.servers.append(server)
 
     def run(self) -> int:
         gevent.signal_handler(signal.SIGTERM, self.request_stop, True)
         gevent.signal_handler(signal.SIGQUIT, self.request_stop, False)
+        # USR1 is the master's graceful stop of the whole gateway (TERM alone retires this
+        # worker on HUP/TTOU while others go on serving /healthz with 200).
+        gevent.signal_handler(signal.SIGUSR1, self.request_stop, True, True)
         # Ctrl-C reaches the whole foreground group: the master decides, the worker waits
         # for the master's TERM.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -67,8 +72,9 @@ class Worker:
         self.recorder.flush()     # the last counts of this worker reach /metrics
         return 0
 
-    def request_stop(self, graceful: bool) -> None:
+    def request_stop(self, graceful: bool, announce: bool = False) -> None:
         self.graceful = self.graceful and graceful
+        self.announce = self.announce or announce
         if self.stop_event.is_set() and not graceful:
             self.service.shutdown(graceful=False)
         self.stop_event.set()
@@ -88,10 +94,23 @@ class Worker:
             gevent.sleep(interval)
 
     def drain(self) -> None:
-        """Stop accepting; let sessions finish (graceful) or say goodbye now."""
+        """Stop accepting; let sessions finish (graceful) or say goodbye now.
+
+        On the gateway's stop the health listener stays open meanwhile, answering 503."""
+        self.service.draining = True
+        keep = self.announce and self.graceful
+        if keep and self.config.server.drain_delay:
+            # Health says 503 now; new clients are still served until the balancer has
+            # noticed, so none of them meets a listener that no longer accepts.
+            log.info("worker pid=%d: /healthz says draining; accepting %ss more",
+                     os.getpid(), self.config.server.drain_delay)
+            with gevent.Timeout(self.config.server.drain_delay, False):
+                while self.graceful:
+                    gevent.sleep(0.1)
         for server in self.servers:
-            server.close()
-        pools = [server.pool for server in self.servers]
+            if not (keep and server.is_health):
+                server.close()
+        pools = [server.pool for server in self.servers if not server.is_health]
         if self.graceful:
             log.info("worker pid=%d draining %d sessions", os.getpid(), self.service.open_sessions())
             deadline = self.config.server.graceful_timeout
@@ -101,6 +120,8 @@ class Worker:
                         and self.graceful:
                     gevent.sleep(0.1)
         self.service.shutdown(graceful=False)
+        for server in self.servers:
+            server.close()
         with gevent.Timeout(2, False):
             for pool in pools:
                 pool.join()

@@ -56,21 +56,37 @@ class ImapSession(session_mod.Session):
     def __init__(self, service, client, address, listen):
         super().__init__(service, client, address, listen)
         self.settings = service.config.imap
-        # One pre-login command as a whole: two literals (user, password) and a line.
-        max_total = 2 * self.settings.max_login_literal + self.settings.max_line
-        self.reader = ImapReader(client, max_line=self.settings.max_line,
-                                 max_literal=self.settings.max_login_literal,
-                                 max_total=max_total, recv_size=4096, on_bytes=self.count_in)
+        self.reader = self.new_reader(client)
         self.client_id: list[tuple[str, str]] = []
         self.proxy_ttl = PROXY_TTL
         self.bad_commands = 0
         self.login_tag = ""
 
+    def new_reader(self, client) -> ImapReader:
+        """The pre-login reader (again after STARTTLS: nothing read before survives)."""
+        # One pre-login command as a whole: two literals (user, password) and a line.
+        max_total = 2 * self.settings.max_login_literal + self.settings.max_line
+        return ImapReader(client, max_line=self.settings.max_line,
+                          max_literal=self.settings.max_login_literal,
+                          max_total=max_total, recv_size=4096, on_bytes=self.count_in)
+
     # -- the session's life -------------------------------------------------------------------
 
     def greeting(self) -> bytes:
         banner = self.settings.banner or "mailgate ready."
-        return b"* OK [CAPABILITY " + PREAUTH_CAPABILITIES + b"] " + banner.encode() + b"\r\n"
+        return b"* OK [CAPABILITY " + self.capabilities() + b"] " + banner.encode() + b"\r\n"
+
+    def capabilities(self) -> bytes:
+        """RFC 3501 §6.2.1/§7.2.1: STARTTLS where it works; LOGINDISABLED (and no AUTH=)
+        while a login would be refused for want of TLS."""
+        words = PREAUTH_CAPABILITIES
+        if self.can_start_tls:
+            words += b" STARTTLS"
+        if not self.login_allowed:
+            words = b" ".join(w for w in words.split()
+                              if not w.startswith(b"AUTH=") and w != b"SASL-IR")
+            words += b" LOGINDISABLED"
+        return words
 
     def next_command(self) -> None:
         parts = self.read_command()
@@ -150,7 +166,7 @@ class ImapSession(session_mod.Session):
             raise ClientGone("too many invalid commands")
 
     def cmd_CAPABILITY(self, command) -> None:
-        self.send(b"* CAPABILITY " + PREAUTH_CAPABILITIES + b"\r\n")
+        self.send(b"* CAPABILITY " + self.capabilities() + b"\r\n")
         self.reply(command.tag, "OK Pre-login capabilities listed, post-login capabilities have more.")
 
     def cmd_NOOP(self, command) -> None:
@@ -163,8 +179,13 @@ class ImapSession(session_mod.Session):
         self.closing = True
 
     def cmd_STARTTLS(self, command) -> None:
-        # The TLS listener mode wires this in gateway.tls; a plain listener has no STARTTLS.
-        self.bad(command.tag, "STARTTLS is not available on this port.")
+        if not self.can_start_tls:
+            self.bad(command.tag, "STARTTLS is not available on this port.")
+            return
+        self.reply(command.tag, "OK Begin TLS negotiation now.")
+        # Whatever the client pipelined in clear text is dropped unread: it must not run
+        # as if it had come over TLS (the STARTTLS command injection of CVE-2011-0411).
+        self.start_tls()
 
     def cmd_ID(self, command) -> None:
         """RFC 2971: answer with our own (minimal) ID; keep the client's for the back-end."""
@@ -185,13 +206,25 @@ class ImapSession(session_mod.Session):
         self.send(b'* ID ("name" "mailgate")\r\n')
         self.reply(command.tag, "OK ID completed.")
 
+    def refuse_cleartext(self, tag: str) -> bool:
+        """True (answered) when this login must wait for TLS."""
+        if self.login_allowed:
+            return False
+        self.reply(tag, "NO [PRIVACYREQUIRED] Plaintext authentication disallowed on "
+                        "non-secure connections; use STARTTLS.")
+        return True
+
     def cmd_LOGIN(self, command) -> None:
+        if self.refuse_cleartext(command.tag):
+            return
         if len(command.args) != 2 or any(isinstance(a, list) for a in command.args):
             self.bad(command.tag, "LOGIN needs a user name and a password.")
             return
         self.login_command(command.tag, _text(command.args[0]), _text(command.args[1]), "LOGIN")
 
     def cmd_AUTHENTICATE(self, command) -> None:
+        if self.refuse_cleartext(command.tag):
+            return
         args = command.args
         if not args or len(args) > 2 or not isinstance(args[0], Atom):
             self.bad(command.tag, "AUTHENTICATE needs a mechanism.")

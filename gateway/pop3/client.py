@@ -45,11 +45,15 @@ class Pop3Session(session_mod.Session):
     def __init__(self, service, client, address, listen):
         super().__init__(service, client, address, listen)
         self.settings = service.config.pop3
-        self.reader = StreamReader(client, LineFramer(MAX_AUTH_LINE), recv_size=4096,
-                                   on_bytes=self.count_in)
+        self.reader = self.new_reader(client)
         self.user = ""
         self.bad_commands = 0
         self.backend_greeting = b""
+
+    def new_reader(self, client) -> StreamReader:
+        """The pre-login reader (again after STLS: nothing read before survives)."""
+        return StreamReader(client, LineFramer(MAX_AUTH_LINE), recv_size=4096,
+                            on_bytes=self.count_in)
 
     def greeting(self) -> bytes:
         return b"+OK " + (self.settings.banner or "mailgate POP3 ready.").encode() + b"\r\n"
@@ -108,7 +112,9 @@ class Pop3Session(session_mod.Session):
 
     def cmd_CAPA(self, argument: str) -> None:
         lines = ["+OK Capability list follows", *PREAUTH_CAPA]
-        if self.listen.tls == "starttls":
+        if not self.login_allowed:   # RFC 2595 §4: no login mechanisms while they are refused
+            lines = [line for line in lines if line != "USER" and not line.startswith("SASL")]
+        if self.can_start_tls:
             lines.append("STLS")
         self.send("\r\n".join(lines + ["."]).encode() + b"\r\n")
 
@@ -121,17 +127,25 @@ class Pop3Session(session_mod.Session):
         self.err("Not logged in.")
 
     def cmd_STLS(self, argument: str) -> None:
-        if self.listen.tls != "starttls":
+        if not self.can_start_tls:
             self.err("STLS is not available on this port.")
             return
+        self.send(b"+OK Begin TLS negotiation.\r\n")
+        # RFC 2595 §4: plaintext the client pipelined after STLS is dropped unread.
         self.start_tls()
+        self.user = ""
 
-    def start_tls(self) -> None:
-        """RFC 2595 §4: the TLS issue wraps the client socket here (and drops ``reader``'s
-        buffered plaintext, which must not survive the handshake)."""
-        self.send(b"-ERR [SYS/TEMP] TLS is not available yet.\r\n")
+    def refuse_cleartext(self) -> bool:
+        """True (answered) when this login must wait for TLS."""
+        if self.login_allowed:
+            return False
+        self.send(b"-ERR [AUTH] Plaintext authentication disallowed on non-secure "
+                  b"connections; use STLS.\r\n")
+        return True
 
     def cmd_USER(self, argument: str) -> None:
+        if self.refuse_cleartext():
+            return
         if not argument:
             self.err("USER needs a name.")
             return
@@ -139,6 +153,8 @@ class Pop3Session(session_mod.Session):
         self.send(b"+OK\r\n")
 
     def cmd_PASS(self, argument: str) -> None:
+        if self.refuse_cleartext():
+            return
         if not self.user:
             self.err("No user name given.")
             return
@@ -146,6 +162,8 @@ class Pop3Session(session_mod.Session):
         self.login(user, argument, "USER")
 
     def cmd_AUTH(self, argument: str) -> None:
+        if self.refuse_cleartext():
+            return
         mechanism, _, initial = argument.partition(" ")
         mechanism = mechanism.upper()
         if not mechanism:

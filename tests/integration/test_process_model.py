@@ -87,6 +87,9 @@ def test_hung_worker_is_killed_and_replaced(make_gateway):
 def test_hup_during_a_stream_of_connections_refuses_none(make_gateway):
     gateway = make_gateway(workers=2)
     old = wait_until(lambda: (p := gateway.worker_pids()) and len(p) == 2 and p)
+    # The master's ports accept before its workers serve: on a loaded machine the first
+    # greetings could otherwise wait out the whole window below.
+    assert greet(gateway.imap_port).startswith(b"* OK ")
     errors, done = [], []
     stop = threading.Event()
 
@@ -278,6 +281,9 @@ def test_example_config_runs_like_make_run(tmp_path):
         with socket.create_connection(("127.0.0.1", health_port), timeout=5) as sock:
             sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             assert sock.recv(100).startswith(b"HTTP/1.0 200 OK")
+        with socket.create_connection(("127.0.0.1", health_port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.0 200")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=40) == 0
     finally:

@@ -1,0 +1,19 @@
+"""``python -m bench.tls`` runs end to end with tiny figures (no figure is asserted:
+benchmarks measure, tests assert behaviour)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import servers
+from conftest import require_binary
+
+
+def test_bench_tls_runs():
+    require_binary("dovecot", "dovecot-imapd dovecot-pop3d")
+    require_binary("redis-server", "redis-server")
+    result = subprocess.run([sys.executable, "-m", "bench.tls", "--seconds", "0.5",
+                             "--sessions", "5"], cwd=servers.REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "full handshakes/s:" in result.stdout and "idle KiB per session" in result.stdout
