@@ -95,10 +95,10 @@ def wait_for(read, predicate, timeout: float = 15):
 
 def session_tag(gw, login: str, since: int) -> str:
     """The gateway's session id of the newest session of ``login`` from CLIENT_IP."""
-    text = wait_for(gw.log_text, lambda t: f"client={CLIENT_IP}:" in t[since:]
+    text = wait_for(gw.log_text, lambda t: f"client={CLIENT_IP} " in t[since:]
                     and f"login={login}" in t[since:])
     lines = [l for l in text[since:].splitlines()
-             if f"client={CLIENT_IP}:" in l and f"login={login}" in l]
+             if f"client={CLIENT_IP} " in l and f"login={login}" in l]
     return lines[-1].split("session=")[1].split()[0]
 
 
@@ -177,4 +177,4 @@ def test_direct_header_sets_the_session_address(proxied):
         data = b""
         while b"a OK" not in data:
             data += raw.recv(4096)
-    wait_for(gw.log_text, lambda t: "client=198.51.100.20:40123" in t)
+    wait_for(gw.log_text, lambda t: "client=198.51.100.20 port=40123" in t)
