@@ -141,7 +141,8 @@ def _secure(sock, backend: BackendConfig, protocol: str):
         sock.close()
         reason = "timed out" if isinstance(exc, socket.timeout) else \
             (getattr(exc, "strerror", None) or str(exc))
-        log.warning("backend=%s tls=%s refused: %s", backend.name, backend.tls, reason)
+        event(log, logging.WARNING, "backend-tls-refused", backend=backend.name,
+              tls=backend.tls, reason=reason)
         raise LoginError(Failure.UNAVAILABLE, f"backend {backend.name}: TLS: {reason}") from None
 
 

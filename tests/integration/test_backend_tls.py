@@ -100,7 +100,8 @@ def test_failed_verification_is_unavailable_and_logged(gateway, name, reason):
     finally:
         pop.quit()
     deadline = time.monotonic() + 10
-    while not any(f"backend={name} tls=starttls refused:" in line and reason in line
+    while not any(f"event=backend-tls-refused backend={name} tls=starttls" in line
+                  and reason in line
                   for line in gateway.log_text().splitlines()):
         assert time.monotonic() < deadline, gateway.log_text()[-3000:]
         time.sleep(0.05)
