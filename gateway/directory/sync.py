@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, TextIO
 
 import redis
+from hiredis import pack_command
 
 from ..config import Config
 from . import records
@@ -239,9 +240,11 @@ class _MailboxIndex:
 class _GenerationWriter:
     """Streams HSET commands for one hash on one connection of the client's pool.
 
-    The commands are RESP-encoded here (redis-py's generic packer costs ~1.8 µs per pair, this
-    ~0.5 µs) and each flush reads the replies of the previous flush only, keeping one batch
-    in flight.  Every flush also refreshes the hash's TTL and the sync lock.
+    The commands are packed by hiredis (``pack_command``, C: ~0.27 µs per pair; redis-py's
+    pipeline adds a Python pass over every argument) and each flush reads the replies of the
+    previous flush only, keeping one batch in flight, which a redis-py pipeline cannot (its
+    ``execute`` waits for every reply: the 1,000,000-mailbox warm-up took 25-30 % longer).
+    Every flush also refreshes the hash's TTL and the sync lock.
     """
 
     def __init__(self, client: redis.Redis, key: str):
@@ -263,7 +266,7 @@ class _GenerationWriter:
         self.pool.release(self.connection)
 
     def hset(self, pairs: list, key: bytes | None = None) -> None:
-        self.queued.append(_resp_command(b"HSET", key or self.key, *pairs))
+        self.queued.append(pack_command((b"HSET", key or self.key, *pairs)))
         self.queued_commands += 1
         if key and key not in self.other_keys:
             self.other_keys.append(key)
@@ -271,7 +274,7 @@ class _GenerationWriter:
     def flush(self) -> None:
         for command in [("EXPIRE", key, WRITE_TTL) for key in (self.key, *self.other_keys)] + \
                 [("EXPIRE", records.SYNC_LOCK_KEY, LOCK_TTL)]:
-            self.queued.append(_resp_command(*command))
+            self.queued.append(pack_command(command))
             self.queued_commands += 1
         self.connection.send_packed_command(self.queued)
         self.wait()
@@ -282,17 +285,6 @@ class _GenerationWriter:
         for _ in range(self.in_flight):
             self.connection.read_response()
         self.in_flight = 0
-
-
-def _resp_command(*args) -> bytes:
-    """One command in RESP (str arguments UTF-8, int arguments decimal)."""
-    parts = [b"*%d\r\n" % len(args)]
-    append = parts.append
-    for arg in args:
-        if type(arg) is not bytes:
-            arg = str(arg).encode()
-        append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
 
 
 def _discard(client: redis.Redis, generation: int) -> None:
