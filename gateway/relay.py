@@ -11,12 +11,22 @@ waits the reading side is paused, so a slow reader holds at most one chunk per d
 a 50 MB literal streams through in bounded memory.  An optional ``observe(buffer, size)``
 sees every chunk the client sends before it is forwarded (the IMAP tracker); an optional
 ``rewrite(view, size)`` returns what to send for a chunk the back-end sent (IMAP's capability
-filter: it returns the view itself while it has nothing to do).
+filter: it returns the view itself while it has nothing to do, and says so with ``idle()``).
+
+Bulk data (a big FETCH) does not pass through Python at all: once a read fills the whole
+buffer, a direction nobody needs to see (upward: no ``observe``; downward: no ``rewrite``,
+or one whose ``idle()`` is true at each wake-up) switches to ``splice(2)`` through one pipe
+per worker, socket → pipe → socket, up to ``PIPE_SIZE`` per wake-up; a short read, or a
+rewrite that has work again, switches it back.  The pipe is always empty between callbacks:
+what the other side cannot take at once is read out of it into the direction's pending
+bytes, as in the copying path.
 """
 from __future__ import annotations
 
 import _socket
+import fcntl
 import logging
+import os
 import time
 
 from gevent import get_hub
@@ -27,6 +37,27 @@ CHUNK = 65536
 READ, WRITE = 1, 2
 _buffer = bytearray(CHUNK)
 _view = memoryview(_buffer)
+
+PIPE_SIZE = 1 << 20        # bytes per splice wake-up (Linux's default pipe-max-size)
+_SPLICE = getattr(os, "splice", None)
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_pipe: tuple[int, int] | None = None      # made on first use, in the worker (after fork)
+
+
+def _splice_pipe() -> tuple[int, int] | None:
+    """The worker's pipe for splice (read end, write end), or None where splice is missing."""
+    global _pipe, _SPLICE
+    if _pipe is None and _SPLICE is not None:
+        try:
+            _pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            _SPLICE = None
+            return None
+        try:
+            fcntl.fcntl(_pipe[1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass            # a smaller pipe only means more wake-ups
+    return _pipe
 
 
 class RelayEnd(Exception):
@@ -48,7 +79,8 @@ def _raw(sock) -> _socket.socket:
 class _Direction:
     """One way through the relay: reads ``src``, writes ``dst``."""
 
-    __slots__ = ("relay", "src", "dst", "side", "peer", "reader", "writer", "pending", "upward")
+    __slots__ = ("relay", "src", "dst", "side", "peer", "reader", "writer", "pending", "upward",
+                 "splicing")
 
     def __init__(self, relay: "Relay", src, dst, upward: bool):
         loop = get_hub().loop
@@ -59,8 +91,12 @@ class _Direction:
         self.reader = loop.io(src.fileno(), READ)
         self.writer = loop.io(dst.fileno(), WRITE)
         self.pending = None
+        self.splicing = False
 
     def on_readable(self) -> None:
+        if self.splicing:
+            self.splice_through()
+            return
         relay = self.relay
         try:
             size = self.src.recv_into(_buffer)
@@ -81,6 +117,8 @@ class _Direction:
         else:
             session.bytes_out += size
             relay.tail = bytes(_view[max(0, size - 64):size])
+        if size == CHUNK and self.may_splice():
+            self.splicing = True      # bulk data: the next reads go socket → pipe → socket
         if self.upward or relay.rewrite is None:
             data = _view[:size]
         else:
@@ -95,6 +133,62 @@ class _Direction:
             return
         if sent < size:
             self.pending = memoryview(bytes(data[sent:]))
+            self.reader.stop()
+            self.writer.start(relay.guard, self.on_writable)
+
+    def may_splice(self) -> bool:
+        """Nobody needs to see this direction's bytes now (and splice is there)."""
+        if _SPLICE is None:
+            return False
+        relay = self.relay
+        if self.upward:
+            return relay.observe is None
+        rewrite = relay.rewrite
+        return rewrite is None or (hasattr(rewrite, "idle") and rewrite.idle())
+
+    def splice_through(self) -> None:
+        """Move what is readable (up to PIPE_SIZE) with splice(2): no copy through Python."""
+        relay = self.relay
+        pipe = _splice_pipe() if self.may_splice() else None
+        if pipe is None:
+            self.splicing = False
+            self.on_readable()
+            return
+        try:
+            size = _SPLICE(self.src.fileno(), pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            relay.finish(self.side, f"read error: {exc.strerror or exc}")
+            return
+        if not size:
+            relay.finish(self.side, "closed")
+            return
+        session = relay.session
+        session.last_activity = time.monotonic()
+        if self.upward:
+            session.bytes_in += size
+        else:
+            session.bytes_out += size
+            relay.tail = b""       # not seen: a goodbye in it is not known
+        if size < CHUNK:
+            self.splicing = False     # the bulk is over: small answers take the copying path
+        sent = 0
+        try:
+            while sent < size:
+                sent += _SPLICE(pipe[0], self.dst.fileno(), size - sent,
+                                 flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            _drain(pipe[0], size - sent)
+            relay.finish(self.peer, f"write error: {exc.strerror or exc}")
+            return
+        except BaseException:
+            _drain(pipe[0], size - sent)    # the next session must find the pipe empty
+            raise
+        if sent < size:
+            self.pending = memoryview(_drain(pipe[0], size - sent))
             self.reader.stop()
             self.writer.start(relay.guard, self.on_writable)
 
@@ -118,6 +212,18 @@ class _Direction:
         self.writer.stop()
         self.reader.close()
         self.writer.close()
+
+
+def _drain(fd: int, size: int) -> bytes:
+    """Read ``size`` bytes that are in the pipe (they are: splice put them there)."""
+    parts = []
+    while size > 0:
+        part = os.read(fd, size)
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
 
 
 def for_session(session, client, backend, observe=None, rewrite=None):

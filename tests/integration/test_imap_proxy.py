@@ -340,6 +340,49 @@ def rss_kib(pids) -> int:
     return total
 
 
+def test_big_fetches_to_a_slow_and_a_fast_reader_on_one_worker_stay_apart(make_gateway):
+    """Bulk answers go socket → pipe → socket (splice) through one pipe per worker: a reader
+    that cannot keep up must get its own bytes, complete, and never the other session's."""
+    gateway = make_gateway(workers=1, routes={"carol@example.com": "A", "dave@example.com": "B"})
+    messages = {}
+    for user in ("carol@example.com", "dave@example.com"):
+        marker = f"splice-{user[:4]}-{time.time_ns()}"
+        messages[user] = unique_message(marker, 6 * 1024 * 1024)
+        client = login_gateway(gateway, user)
+        try:
+            assert client.append("INBOX", None, None, messages[user])[0] == "OK"
+            uid = search_subject(client, marker)[0]
+        finally:
+            client.logout()
+        messages[user] = (uid, hashlib.sha256(messages[user]).hexdigest(), len(messages[user]))
+    slow = Raw(gateway.imap_port)
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    fast = login_gateway(gateway, "dave@example.com")
+    try:
+        slow.send(b'a1 LOGIN "carol@example.com" "%s"\r\n'
+                  % USERS_A["carol@example.com"].encode())
+        assert slow.until_tagged(b"a1")[-1].startswith(b"a1 OK")
+        slow.send(b"s1 SELECT INBOX\r\ns2 FETCH " + messages["carol@example.com"][0]
+                  + b" (BODY.PEEK[])\r\n")
+        time.sleep(0.5)          # the gateway meets a full client socket while it relays
+        fast.select("INBOX")
+        typ, data = fast.fetch(messages["dave@example.com"][0], "(BODY.PEEK[])")
+        assert typ == "OK"
+        assert hashlib.sha256(data[0][1]).hexdigest() == messages["dave@example.com"][1]
+        answer = bytearray(slow.buffer)
+        while not answer.endswith(b"\r\n") or b"\r\ns2 OK" not in answer[-200:]:
+            piece = slow.sock.recv(8192)
+            assert piece, "the gateway closed the slow reader's session"
+            answer += piece
+            time.sleep(0.0005)
+        start = answer.index(b"}\r\n", answer.index(b"BODY[]")) + 3
+        body = bytes(answer[start:start + messages["carol@example.com"][2]])
+        assert hashlib.sha256(body).hexdigest() == messages["carol@example.com"][1]
+    finally:
+        slow.close()
+        fast.logout()
+
+
 def test_50mb_literal_streams_without_growing_worker_memory(make_gateway):
     gateway = make_gateway(workers=1, routes={"carol@example.com": "A"})
     workers = gateway.worker_pids()
