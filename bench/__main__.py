@@ -1,5 +1,7 @@
-"""``python -m bench``: sessions/s, big FETCH MB/s, NOOP latency, memory per idle connection
-and CPU per session, for Dovecot direct, mailgate and nginx's mail proxy, in one run.
+"""``python -m bench``: IMAP and POP3 sessions/s with 1, 2 and 4 workers, CPU and system calls
+per session, 10 MiB FETCH MB/s over 4 connections, NOOP latency and memory per idle
+connection, for Dovecot direct, mailgate and nginx's mail proxy, in one run; the table on
+stdout, the figures in JSON and the ratios drawn as a PNG chart beside it.
 
 Every server is stopped when the run ends, on success, on error and on Ctrl-C or TERM.
 """
@@ -16,11 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench import nginx, report, scenarios
+from bench import chart, nginx, report, scenarios
 from bench.stack import FETCH_SIZES, Stack
 from bench import stack as stack_mod
 
-PHASES = ("sessions", "fetch", "noop", "memory")
+PHASES = ("sessions", "syscalls", "fetch", "noop", "memory")
+PROTOCOLS = ("imap", "pop3")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -32,10 +35,19 @@ def parse_args(argv) -> argparse.Namespace:
                         help=f"comma-separated phases out of {','.join(PHASES)}")
     parser.add_argument("--targets", default=",".join(report.TARGETS),
                         help="comma-separated targets; direct is always measured")
-    parser.add_argument("--clients", type=int, default=12, help="client processes (sessions)")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent session clients")
     parser.add_argument("--seconds", type=float, help="sessions window per round (default 5)")
-    parser.add_argument("--fetch-seconds", type=float, help="FETCH time per size and round")
-    parser.add_argument("--noops", type=int, default=2000, help="NOOPs timed per target")
+    parser.add_argument("--workers", default=None,
+                        help="comma-separated worker counts for the sessions phase "
+                             "(default 1,2,4; --quick 2); the other phases run with 2 "
+                             "(or the first given)")
+    parser.add_argument("--strace-clients", type=int, default=10,
+                        help="concurrent clients while strace counts system calls")
+    parser.add_argument("--strace-seconds", type=float, default=3.0)
+    parser.add_argument("--fetch-seconds", type=float, help="FETCH time per round")
+    parser.add_argument("--fetch-connections", type=int, default=4)
+    parser.add_argument("--noops", type=int, help="NOOPs timed per target and round "
+                                                  "(default 20000; --quick 2000)")
     parser.add_argument("--idle", type=int, help="idle connections (default 1000)")
     parser.add_argument("--rounds", type=int, help="rounds of sessions and FETCH (default 2)")
     parser.add_argument("--users", type=int, default=32, help="test users in Dovecot")
@@ -47,6 +59,10 @@ def parse_args(argv) -> argparse.Namespace:
     options.seconds = options.seconds or (2.0 if quick else 5.0)
     options.fetch_seconds = options.fetch_seconds or (1.0 if quick else 3.0)
     options.idle = options.idle or (200 if quick else 1000)
+    options.noops = options.noops or (2000 if quick else 20000)
+    options.workers = tuple(int(n) for n in (options.workers or ("2" if quick else "1,2,4"))
+                            .split(",") if n.strip())
+    options.main_workers = 2 if 2 in options.workers else options.workers[0]
     options.rounds = max(1, options.rounds or (1 if quick else 2))
     options.only = _names(parser, options.only, PHASES, "--only")
     options.targets = ("direct",) + tuple(
@@ -88,26 +104,55 @@ def meta(options, argv) -> dict:
             "nginx": nginx.version() if "nginx" in options.targets else "-",
             "targets": list(options.targets), "phases": list(options.only),
             "options": {k: v for k, v in vars(options).items() if k != "json"},
-            "setup": (f"{options.clients} client processes x {options.seconds:g} s x "
-                      f"{options.rounds} round(s); gateway 2 workers; nginx 2 workers")}
+            "setup": (f"{options.clients} concurrent clients x {options.seconds:g} s x "
+                      f"{options.rounds} round(s); gateway and nginx with "
+                      f"{'/'.join(map(str, options.workers))} workers (other phases: "
+                      f"{options.main_workers})")}
 
 
 def run_phases(stack, options, results: dict) -> None:
-    targets = [stack.targets[name] for name in options.targets]
-    if "sessions" in options.only:
-        _rounds(stack, options, targets, results, "sessions",
-                lambda t: scenarios.sessions(t, stack, options.clients, options.seconds),
-                lambda t, r: scenarios.pooled_sessions(r))
+    """Every phase; the sessions phase once per worker count, the rest with main_workers."""
+    order = sorted(options.workers, key=lambda n: n != options.main_workers)
+    results["workers"] = {}
+    for workers in order:
+        if workers != stack.workers or not stack.proxies:
+            _progress(f"restarting mailgate and nginx with {workers} workers")
+            stack.start_proxies(workers)
+            warm_up(stack)
+        targets = [stack.targets[name] for name in options.targets]
+        if "sessions" in options.only:
+            by_protocol = results["workers"][str(workers)] = {}
+            for protocol in PROTOCOLS:
+                _rounds(stack, options, targets, by_protocol, protocol,
+                        lambda t, p=protocol: scenarios.sessions(t, stack, options.clients,
+                                                                 options.seconds, p),
+                        lambda t, r: scenarios.pooled_sessions(r))
+            if workers == options.main_workers:
+                results.update(by_protocol)
+        if workers == options.main_workers:
+            run_single_phases(stack, options, targets, results)
+
+
+def run_single_phases(stack, options, targets, results: dict) -> None:
+    if "syscalls" in options.only:
+        results["syscalls"] = {}
+        for protocol in PROTOCOLS:
+            results["syscalls"][protocol] = {}
+            for target in targets:
+                stack.wait_backend_idle()
+                _progress(f"syscalls: {protocol} through {target.name} (strace)")
+                results["syscalls"][protocol][target.name] = scenarios.syscalls(
+                    target, stack, options.strace_clients, options.strace_seconds, protocol)
     if "fetch" in options.only:
         for mailbox in FETCH_SIZES:
             _rounds(stack, options, targets, results, mailbox,
-                    lambda t, m=mailbox: scenarios.fetch(t, stack, m, options.fetch_seconds),
+                    lambda t, m=mailbox: scenarios.fetch(t, stack, m, options.fetch_seconds,
+                                                         options.fetch_connections),
                     lambda t, r: scenarios.pooled_fetch(r, t.proxy_pgid is not None))
     if "noop" in options.only:
-        results["noop"] = {}
-        for target in targets:
-            _progress(f"noop: {target.name}")
-            results["noop"][target.name] = scenarios.noop(target, stack, options.noops)
+        _rounds(stack, options, targets, results, "noop",
+                lambda t: scenarios.noop(t, stack, options.noops),
+                lambda t, r: scenarios.pooled_noop(r))
     if "memory" in options.only:
         results["memory"] = {}
         for target in targets[1:]:
@@ -147,7 +192,7 @@ def main(argv=None) -> int:
     try:
         _progress("starting Dovecot, Redis, mailgate, nginx ...")
         with Stack(options.users, options.targets, options.gateway_log_level,
-                   options.keep) as stack:
+                   options.keep, options.main_workers) as stack:
             results["meta"]["tmpdir"] = str(stack.tmpdir)
             if options.keep:
                 _progress(f"temporary folder: {stack.tmpdir}")
@@ -165,16 +210,24 @@ def main(argv=None) -> int:
         print(report.render(results), flush=True)
         report.write_json(results, options.json)
         print(f"JSON: {options.json}", flush=True)
+        png = options.json.with_suffix(".png")
+        try:
+            if chart.draw(results, png):
+                print(f"chart: {png}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the figures are kept even if drawing fails
+            print(f"chart not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
     return status
 
 
 def warm_up(stack) -> None:
-    """One session per target (loads Dovecot's caches and the gateway's Redis script)."""
+    """One session per target and protocol (loads Dovecot's caches and the gateway's Redis
+    script)."""
     from bench import imapwire
     login, password = stack.session_users[0]
     for target in stack.targets.values():
         try:
             imapwire.session(target.host, target.port, login, password)
+            imapwire.pop3_session(target.host, target.pop3_port, login, password)
         except (OSError, imapwire.ProtocolError) as exc:
             raise RuntimeError(f"a first session through {target.name} failed: "
                                f"{type(exc).__name__}: {exc}") from exc

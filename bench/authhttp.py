@@ -5,7 +5,7 @@ the answer headers.  This server does what the gateway's Redis lookup does for m
 name the back-end.  Dovecot checks the password.  asyncio with a bare Protocol keeps its own
 cost per login small; the bench reports its CPU separately from nginx's.
 
-Run: ``python -m bench.authhttp PORT BACKEND_HOST BACKEND_PORT``.
+Run: ``python -m bench.authhttp PORT BACKEND_HOST IMAP_PORT POP3_PORT``.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ MAX_REQUEST = 16384
 
 
 class AuthProtocol(asyncio.Protocol):
-    def __init__(self, answer: bytes):
-        self.answer = answer
+    def __init__(self, answers: dict[bytes, bytes]):
+        self.answers = answers
         self.request = b""
         self.transport = None
 
@@ -28,7 +28,8 @@ class AuthProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.request += data
         if b"\r\n\r\n" in self.request:
-            self.transport.write(self.answer)
+            pop3 = b"\nauth-protocol: pop3" in self.request.lower()
+            self.transport.write(self.answers[b"pop3" if pop3 else b"imap"])
             self.transport.close()
         elif len(self.request) > MAX_REQUEST:
             self.transport.close()
@@ -39,10 +40,11 @@ def answer_for(backend_host: str, backend_port: int) -> bytes:
             % (backend_host.encode(), backend_port))
 
 
-async def serve(port: int, backend_host: str, backend_port: int) -> None:
+async def serve(port: int, backend_host: str, imap_port: int, pop3_port: int) -> None:
     loop = asyncio.get_running_loop()
-    answer = answer_for(backend_host, backend_port)
-    server = await loop.create_server(lambda: AuthProtocol(answer), "127.0.0.1", port,
+    answers = {b"imap": answer_for(backend_host, imap_port),
+               b"pop3": answer_for(backend_host, pop3_port)}
+    server = await loop.create_server(lambda: AuthProtocol(answers), "127.0.0.1", port,
                                       backlog=1024)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -52,10 +54,11 @@ async def serve(port: int, backend_host: str, backend_port: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: python -m bench.authhttp PORT BACKEND_HOST BACKEND_PORT", file=sys.stderr)
+    if len(argv) != 4:
+        print("usage: python -m bench.authhttp PORT BACKEND_HOST IMAP_PORT POP3_PORT",
+              file=sys.stderr)
         return 2
-    asyncio.run(serve(int(argv[0]), argv[1], int(argv[2])))
+    asyncio.run(serve(int(argv[0]), argv[1], int(argv[2]), int(argv[3])))
     return 0
 
 

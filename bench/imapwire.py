@@ -1,4 +1,4 @@
-"""A minimal raw-socket IMAP client for load generation: no imaplib, no parsing beyond need.
+"""A minimal raw-socket IMAP (and POP3) client for load generation: no imaplib, no parsing beyond need.
 
 The bench's clients must cost as little CPU as possible so the proxy, not the load generator,
 is what gets measured.  Responses are read line by line; a FETCH literal is counted and
@@ -24,8 +24,9 @@ def quote(text: str) -> bytes:
 class Wire:
     """One IMAP connection: tagged commands in, raw lines out; ``close()`` is idempotent."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 10.0, source: str | None = None):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = bytearray()
         self.sink = memoryview(bytearray(RECV_SIZE))   # FETCH literals land here
@@ -114,11 +115,39 @@ class Wire:
 
 
 def session(host: str, port: int, login_name: str, password: str, timeout: float = 10.0) -> None:
-    """One whole short session: connect, greeting, LOGIN, LOGOUT, close."""
+    """One whole short session as a mail client opens it: connect, greeting, LOGIN,
+    SELECT INBOX, FETCH 1:* (FLAGS RFC822.SIZE), LOGOUT, close."""
     wire = Wire(host, port, timeout)
     try:
         wire.greeting()
         wire.login(login_name, password)
+        wire.command(b"SELECT INBOX")
+        wire.command(b"FETCH 1:* (FLAGS RFC822.SIZE)")
         wire.logout()
     finally:
         wire.close()
+
+
+def pop3_session(host: str, port: int, login_name: str, password: str,
+                 timeout: float = 10.0) -> None:
+    """One whole POP3 session: connect, greeting, USER, PASS, STAT, QUIT, close."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+        _pop3_ok(reader.readline(MAX_LINE))
+        for command in (b"USER " + login_name.encode(), b"PASS " + password.encode(), b"STAT"):
+            sock.sendall(command + b"\r\n")
+            _pop3_ok(reader.readline(MAX_LINE))
+        sock.sendall(b"QUIT\r\n")
+        _pop3_ok(reader.readline(MAX_LINE))
+        while sock.recv(4096):      # the server closes first (its side keeps the TIME_WAIT)
+            pass
+        reader.close()
+    finally:
+        sock.close()
+
+
+def _pop3_ok(line: bytes) -> None:
+    if not line.startswith(b"+OK"):
+        raise ProtocolError(f"POP3 {line[:120]!r}")

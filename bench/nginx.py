@@ -1,7 +1,7 @@
 """nginx's mail proxy (and its auth_http helper) as bench servers on loopback.
 
 nginx runs in the foreground (``daemon off``) with its own prefix, pid file and error log in
-a temporary folder, ``worker_processes 2`` like the gateway's 2 workers, and the mail module
+a temporary folder, ``worker_processes N`` like the gateway's N workers, and the mail module
 loaded from Debian's ``libnginx-mod-mail``.  Proxy settings stay at nginx's defaults.
 """
 from __future__ import annotations
@@ -45,24 +45,24 @@ class AuthHttp(servers._Process):
 
     name = "auth_http"
 
-    def __init__(self, tmpdir, backend_host: str, backend_port: int):
+    def __init__(self, tmpdir, backend_host: str, imap_port: int, pop3_port: int):
         super().__init__(tmpdir)
-        self.backend = (backend_host, backend_port)
+        self.backend = (backend_host, imap_port, pop3_port)
         self.host, self.port = servers.LOOPBACK, 0
 
     def start(self) -> "AuthHttp":
         self.port = servers.free_port()
         bench_parent = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=bench_parent)
-        self._spawn([sys.executable, "-m", "bench.authhttp", str(self.port), self.backend[0],
-                     str(self.backend[1])], self.tmpdir / "auth_http.log", env=env,
+        self._spawn([sys.executable, "-m", "bench.authhttp", str(self.port),
+                     *map(str, self.backend)], self.tmpdir / "auth_http.log", env=env,
                     cwd=bench_parent)
         servers.wait_for_port(self.host, self.port, 10, self.process)
         return self
 
 
 class NginxMailProxy(servers._Process):
-    """nginx -p TMP -c TMP/nginx.conf: an IMAP listener proxying to what auth_http says."""
+    """nginx -p TMP -c TMP/nginx.conf: IMAP and POP3 listeners proxying to what auth_http says."""
 
     name = "nginx"
 
@@ -70,7 +70,7 @@ class NginxMailProxy(servers._Process):
         super().__init__(tmpdir)
         self.auth_http_port = auth_http_port
         self.workers = workers
-        self.host, self.imap_port = servers.LOOPBACK, 0
+        self.host, self.imap_port, self.pop3_port = servers.LOOPBACK, 0, 0
         self.error_log = self.tmpdir / "error.log"
 
     def config(self) -> str:
@@ -94,6 +94,10 @@ mail {{
         listen {self.host}:{self.imap_port} backlog=4096;
         protocol imap;
     }}
+    server {{
+        listen {self.host}:{self.pop3_port} backlog=4096;
+        protocol pop3;
+    }}
 }}
 """
 
@@ -102,6 +106,7 @@ mail {{
         if reason:
             raise FileNotFoundError(reason)
         self.imap_port = servers.free_port()
+        self.pop3_port = servers.free_port()
         conf = self.tmpdir / "nginx.conf"
         conf.write_text(self.config())
         self._spawn([servers.find_binary("nginx"), "-p", str(self.tmpdir), "-c", str(conf),

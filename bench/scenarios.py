@@ -1,16 +1,25 @@
-"""The four measurements, each against one target; every loop is bounded in time and count.
+"""The measurements, each against one target; every loop is bounded in time and count.
 
-- ``sessions``: client processes loop connect → greeting → LOGIN → LOGOUT for a fixed window;
-  sessions/s, and CPU per session of the proxy, its lookup helper and Dovecot.
-- ``fetch``: one logged-in connection FETCHes a big message (BODY.PEEK[]) repeatedly; MB/s.
+- ``sessions``: client processes (each with a few threads) loop whole sessions for a fixed
+  window: IMAP = connect, LOGIN, SELECT, FETCH 1:* (FLAGS RFC822.SIZE), LOGOUT; POP3 =
+  connect, USER/PASS, STAT, QUIT.  Sessions/s, and CPU per session of the proxy, its lookup
+  helper and Dovecot (utime+stime deltas from /proc).
+- ``syscalls``: the same sessions for a short window with ``strace -c -f`` attached to the
+  proxy's processes (Dovecot's for direct): system calls per session, and the top calls.
+- ``fetch``: connections FETCHing a big message (BODY.PEEK[]) repeatedly, in parallel; MB/s.
 - ``noop``: one logged-in connection, sequential NOOPs; latency percentiles.
 - ``idle_memory``: many logged-in idle connections; the proxy's memory growth per connection.
 """
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
 import signal
 import statistics
+import subprocess
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,8 +29,11 @@ from bench.imapwire import ProtocolError, Wire
 SPAWN_MARGIN = 1.0     # seconds for the client processes to start before the window opens
 MAX_FETCH_ROUNDS = 10000
 MIN_FETCH_ROUNDS = 3
-NOOP_WARMUP = 200
+NOOP_WARMUP = 500
 IDLE_OPENERS = 8       # threads opening the idle connections
+THREADS_PER_PROCESS = 10   # concurrent clients per load-generator process
+STRACE_ATTACH = 1.0    # seconds for strace to attach before its window opens
+SESSION = {"imap": imapwire.session, "pop3": imapwire.pop3_session}
 
 
 def _sleep_until(moment: float) -> None:
@@ -36,22 +48,20 @@ def _client_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _session_client(job) -> dict:
-    """One client process: sessions back to back until ``stop_at``; counts those that ended
+def _session_loop(host, port, protocol, credentials, start_at, stop_at) -> dict:
+    """One client: sessions back to back until ``stop_at``; counts those that ended
     inside [start_at, stop_at]."""
-    host, port, credentials, start_at, stop_at = job
     done, errors, first_error, latencies, turn = 0, 0, "", [], 0
-    cpu_start = None
+    run_session = SESSION[protocol]
+    _sleep_until(start_at)      # nothing before the window: strace counts from its start
     while True:
         begin = time.monotonic()
         if begin >= stop_at:
             break
-        if cpu_start is None and begin >= start_at:
-            cpu_start = time.process_time()
         login, password = credentials[turn % len(credentials)]
         turn += 1
         try:
-            imapwire.session(host, port, login, password)
+            run_session(host, port, login, password)
         except (OSError, ProtocolError) as exc:
             errors += begin >= start_at
             first_error = first_error or f"{type(exc).__name__}: {exc}"
@@ -61,9 +71,32 @@ def _session_client(job) -> dict:
         if start_at <= end <= stop_at:
             done += 1
             latencies.append(end - begin)
-    cpu = time.process_time() - cpu_start if cpu_start is not None else 0.0
     return {"done": done, "errors": errors, "first_error": first_error,
-            "latencies": latencies, "cpu": cpu}
+            "latencies": latencies}
+
+
+def _session_client(job) -> dict:
+    """One client process: ``threads`` concurrent session loops; its own CPU in the window."""
+    host, port, protocol, credentials, threads, start_at, stop_at = job
+    results: list[dict] = []
+
+    def loop(offset: int) -> None:
+        mine = credentials[offset:] + credentials[:offset]
+        results.append(_session_loop(host, port, protocol, mine, start_at, stop_at))
+
+    workers = [threading.Thread(target=loop, args=(i * 7,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    _sleep_until(start_at)
+    cpu_start = time.process_time()
+    _sleep_until(stop_at)
+    cpu = time.process_time() - cpu_start
+    for worker in workers:
+        worker.join()
+    return {"done": sum(r["done"] for r in results),
+            "errors": sum(r["errors"] for r in results),
+            "first_error": next((r["first_error"] for r in results if r["first_error"]), ""),
+            "latencies": [x for r in results for x in r["latencies"]], "cpu": cpu}
 
 
 def _snapshot(target, stack) -> dict:
@@ -72,24 +105,42 @@ def _snapshot(target, stack) -> dict:
             "dovecot": procstats.cpu_seconds(stack.dovecot_pids())}
 
 
-def sessions(target, stack, clients: int, duration: float) -> dict:
-    """Sessions per second through ``target`` and CPU per session (µs) of each party."""
+def _run_clients(target, stack, protocol: str, clients: int, duration: float, during,
+                 margin: float = SPAWN_MARGIN):
+    """Run the client processes for one window; ``during(start_at, stop_at)`` runs in this
+    process while they do (a snapshot, strace).  Returns the per-process results."""
     credentials = stack.session_users
-    start_at = time.monotonic() + SPAWN_MARGIN
+    port = target.port if protocol == "imap" else target.pop3_port
+    start_at = time.monotonic() + margin
     stop_at = start_at + duration
-    jobs = [(target.host, target.port, credentials[i:] + credentials[:i], start_at, stop_at)
-            for i in range(clients)]
-    with multiprocessing.get_context("fork").Pool(clients, _client_init) as pool:
+    processes = max(1, -(-clients // THREADS_PER_PROCESS))
+    jobs = []
+    for i in range(processes):
+        threads = clients // processes + (i < clients % processes)
+        offset = i * THREADS_PER_PROCESS
+        jobs.append((target.host, port, protocol, credentials[offset:] + credentials[:offset],
+                     threads, start_at, stop_at))
+    with multiprocessing.get_context("fork").Pool(processes, _client_init) as pool:
         pending = pool.map_async(_session_client, jobs, chunksize=1)
+        extra = during(start_at, stop_at)
+        per_client = pending.get(timeout=duration + 120)
+    return per_client, extra
+
+
+def sessions(target, stack, clients: int, duration: float, protocol: str = "imap") -> dict:
+    """Sessions per second through ``target`` and CPU per session (µs) of each party."""
+    def during(start_at, stop_at):
         _sleep_until(start_at)
         before = _snapshot(target, stack)
         _sleep_until(stop_at)
-        after = _snapshot(target, stack)
-        per_client = pending.get(timeout=duration + 60)
+        return before, _snapshot(target, stack)
+
+    per_client, (before, after) = _run_clients(target, stack, protocol, clients, duration,
+                                               during)
     done = sum(c["done"] for c in per_client)
     latencies = sorted(x for c in per_client for x in c["latencies"])
     result = {
-        "clients": clients, "seconds": duration, "sessions": done,
+        "protocol": protocol, "clients": clients, "seconds": duration, "sessions": done,
         "errors": sum(c["errors"] for c in per_client),
         "first_error": next((c["first_error"] for c in per_client if c["first_error"]), ""),
         "sessions_per_s": done / duration,
@@ -100,7 +151,72 @@ def sessions(target, stack, clients: int, duration: float) -> dict:
         used = procstats.cpu_used(before[party], after[party])
         result[f"{party}_cpu_s"] = used
         result[f"{party}_cpu_us_per_session"] = used / done * 1e6 if done else None
+    total = result["proxy_cpu_s"] + result["helper_cpu_s"]
+    result["total_cpu_us_per_session"] = total / done * 1e6 if done and target.proxy_pgid \
+        else None
     return result
+
+
+def syscalls(target, stack, clients: int, duration: float, protocol: str = "imap") -> dict:
+    """System calls per session of the proxy's processes (Dovecot's for direct), counted by
+    ``strace -c -f`` attached for one window of sessions."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return {"error": "strace is not installed (apt-get install strace)"}
+    pids = target.proxy_pids() if target.proxy_pgid else stack.dovecot_pids()
+    out = tempfile.NamedTemporaryFile(prefix="bench-strace-", suffix=".txt", delete=False)
+    out.close()
+
+    def during(start_at, stop_at):
+        command = [strace, "-c", "-f", "-qq", "-o", out.name]
+        for pid in pids:
+            command += ["-p", str(pid)]
+        tracer = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        _sleep_until(stop_at)
+        tracer.send_signal(signal.SIGINT)
+        try:
+            tracer.wait(30)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait()
+        return tracer.returncode
+
+    try:
+        per_client, _ = _run_clients(target, stack, protocol, clients, duration, during,
+                                     SPAWN_MARGIN + STRACE_ATTACH)
+        with open(out.name) as fh:
+            calls = parse_strace_summary(fh.read())
+    finally:
+        os.unlink(out.name)
+    done = sum(c["done"] for c in per_client)
+    total = calls.pop("total", 0)
+    top = sorted(calls.items(), key=lambda item: -item[1])[:10]
+    return {"protocol": protocol, "sessions": done, "calls": total,
+            "per_session": total / done if done else None,
+            "top_per_session": {name: round(count / done, 2) for name, count in top}
+            if done else {}}
+
+
+def parse_strace_summary(text: str) -> dict[str, int]:
+    """``strace -c`` table → {syscall: calls, ..., "total": calls}."""
+    calls: dict[str, int] = {}
+    column = None
+    for line in text.splitlines():
+        words = line.split()
+        if "calls" in words and "syscall" in words:
+            column = words.index("calls") - (1 if words[0] == "%" else 0)
+            continue
+        if column is None or not words or words[0].startswith("-"):
+            continue
+        name = words[-1]
+        numbers = words[:-1]
+        if len(numbers) > column:
+            try:
+                calls[name] = int(numbers[column])
+            except ValueError:
+                continue
+    return calls
 
 
 def _logged_in(target, login: str, password: str, timeout: float = 30.0) -> Wire:
@@ -114,29 +230,49 @@ def _logged_in(target, login: str, password: str, timeout: float = 30.0) -> Wire
     return wire
 
 
-def fetch(target, stack, mailbox: str, seconds: float) -> dict:
-    """MB/s (10^6 bytes) of ``FETCH 1 BODY.PEEK[]`` repeated over one connection."""
-    login = f"{mailbox}@bench.test"
-    wire = _logged_in(target, login, stack.users[login])
+def _fetch_client(job) -> dict:
+    """One connection: FETCH the big message until ``stop_at`` (at least MIN_FETCH_ROUNDS)."""
+    host, port, login, password, start_at, stop_at = job
+    wire = Wire(host, port, 30.0)
     try:
+        wire.greeting()
+        wire.login(login, password)
         wire.command(b"EXAMINE INBOX")
         size = wire.command(b"FETCH 1 BODY.PEEK[]")     # warm-up, and the message's size
-        before = _snapshot(target, stack)
-        started = time.perf_counter()
+        _sleep_until(start_at)
         moved, rounds = 0, 0
+        started = time.monotonic()
         while rounds < MAX_FETCH_ROUNDS and (
-                rounds < MIN_FETCH_ROUNDS or time.perf_counter() - started < seconds):
+                rounds < MIN_FETCH_ROUNDS or time.monotonic() < stop_at):
             moved += wire.command(b"FETCH 1 BODY.PEEK[]")
             rounds += 1
-        elapsed = time.perf_counter() - started
-        after = _snapshot(target, stack)
+        elapsed = time.monotonic() - started
         wire.logout()
     finally:
         wire.close()
+    return {"message_bytes": size, "rounds": rounds, "bytes": moved, "seconds": elapsed}
+
+
+def fetch(target, stack, mailbox: str, seconds: float, connections: int = 4) -> dict:
+    """MB/s (10^6 bytes) of ``FETCH 1 BODY.PEEK[]`` repeated over ``connections`` parallel
+    connections (one client process each)."""
+    login = f"{mailbox}@bench.test"
+    start_at = time.monotonic() + SPAWN_MARGIN + 1.0
+    stop_at = start_at + seconds
+    jobs = [(target.host, target.port, login, stack.users[login], start_at, stop_at)] \
+        * connections
+    with multiprocessing.get_context("fork").Pool(connections, _client_init) as pool:
+        pending = pool.map_async(_fetch_client, jobs, chunksize=1)
+        _sleep_until(start_at)
+        before = _snapshot(target, stack)
+        per_connection = pending.get(timeout=seconds + 300)
+        after = _snapshot(target, stack)
+    moved = sum(c["bytes"] for c in per_connection)
+    elapsed = max(c["seconds"] for c in per_connection)
     proxy_cpu = procstats.cpu_used(before["proxy"], after["proxy"])
-    return {"message_bytes": size, "rounds": rounds, "seconds": elapsed, "bytes": moved,
-            "proxy_cpu_s": proxy_cpu,
-            "mb_per_s": moved / elapsed / 1e6,
+    return {"message_bytes": per_connection[0]["message_bytes"], "connections": connections,
+            "rounds": sum(c["rounds"] for c in per_connection), "seconds": elapsed,
+            "bytes": moved, "proxy_cpu_s": proxy_cpu, "mb_per_s": moved / elapsed / 1e6,
             "proxy_cpu_ms_per_100mb": proxy_cpu / moved * 1e11 if target.proxy_pgid else None}
 
 
@@ -227,6 +363,20 @@ def pooled_sessions(rounds: list[dict]) -> dict:
         used = sum(r[f"{party}_cpu_s"] for r in rounds)
         merged[f"{party}_cpu_s"] = used
         merged[f"{party}_cpu_us_per_session"] = used / done * 1e6 if done else None
+    if merged.get("total_cpu_us_per_session") is not None:
+        merged["total_cpu_us_per_session"] = \
+            (merged["proxy_cpu_s"] + merged["helper_cpu_s"]) / done * 1e6 if done else None
+    merged["spread"] = {key: [r[key] for r in rounds] for key in
+                        ("sessions_per_s", "total_cpu_us_per_session", "proxy_cpu_us_per_session")}
+    return merged
+
+
+def pooled_noop(rounds: list[dict]) -> dict:
+    """Several ``noop`` runs of one target: medians of the percentiles, each run kept."""
+    merged = {key: statistics.median(r[key] for r in rounds)
+              for key in ("p50_us", "p90_us", "p99_us", "mean_us")}
+    merged.update(count=sum(r["count"] for r in rounds), rounds=rounds,
+                  spread={key: [r[key] for r in rounds] for key in ("p50_us", "p99_us")})
     return merged
 
 
@@ -238,5 +388,6 @@ def pooled_fetch(rounds: list[dict], has_proxy: bool) -> dict:
     cpu = sum(r["proxy_cpu_s"] for r in rounds)
     merged.update(bytes=moved, seconds=seconds, mb_per_s=moved / seconds / 1e6,
                   rounds=rounds, proxy_cpu_s=cpu,
+                  spread={"mb_per_s": [r["mb_per_s"] for r in rounds]},
                   proxy_cpu_ms_per_100mb=cpu / moved * 1e11 if has_proxy else None)
     return merged

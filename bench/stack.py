@@ -19,7 +19,8 @@ import servers  # tests/servers.py (on sys.path, see bench/__init__.py)
 from bench import nginx, procstats
 
 BACKEND = "bench"
-FETCH_SIZES = {"fetch10": 10 * 1024 * 1024, "fetch20": 20 * 1000 * 1000}
+INBOX_MESSAGES = 10        # small messages in each session user's INBOX
+FETCH_SIZES = {"fetch10": 10 * 1024 * 1024}
 
 # Dovecot tuned the way a back-end behind a proxy is: login and mail processes reused
 # (performance mode; all bench users share one uid), enough imap processes and per-user
@@ -42,6 +43,19 @@ service imap {
   process_min_avail = 4
   service_count = 0
 }
+protocol pop3 {
+  mail_max_userip_connections = 10000
+}
+service pop3-login {
+  service_count = 0
+  process_min_avail = 2
+  client_limit = 3000
+}
+service pop3 {
+  process_limit = 3000
+  process_min_avail = 4
+  service_count = 0
+}
 """
 
 
@@ -51,6 +65,7 @@ class Target:
     name: str
     host: str
     port: int
+    pop3_port: int
     proxy_pgid: int | None = None        # the proxy's process group (CPU, memory)
     helper_pgid: int | None = None       # its lookup service: Redis or auth_http
     notes: list[str] = field(default_factory=list)
@@ -80,12 +95,19 @@ def big_message(size: int) -> bytes:
     return head + body
 
 
+def small_message(number: int) -> bytes:
+    return (b"From: bench@bench.test\r\nTo: user@bench.test\r\nSubject: note %d\r\n"
+            b"Message-ID: <note-%d@bench.test>\r\n\r\n" % (number, number)) + b"text\r\n" * 40
+
+
 class Stack(contextlib.ExitStack):
     """All servers of a run; ``with Stack(...) as stack`` starts them, leaving stops them."""
 
     def __init__(self, user_count: int, target_names, gateway_log_level: str = "info",
-                 keep: bool = False):
+                 keep: bool = False, workers: int = 2):
         super().__init__()
+        self.workers = workers
+        self.proxies: contextlib.ExitStack | None = None
         self.user_count = user_count
         self.target_names = tuple(target_names)
         self.gateway_log_level = gateway_log_level
@@ -119,33 +141,58 @@ class Stack(contextlib.ExitStack):
         self.dovecot = self.enter_context(dovecot)
         for name, size in FETCH_SIZES.items():
             dovecot.deliver(f"{name}@bench.test", big_message(size))
-        self.targets["direct"] = Target("direct", dovecot.host, dovecot.imap_port)
+        for login, _ in self.session_users:       # what FETCH 1:* (FLAGS RFC822.SIZE) lists
+            for number in range(INBOX_MESSAGES):
+                dovecot.deliver(login, small_message(number))
+        self.targets["direct"] = Target("direct", dovecot.host, dovecot.imap_port,
+                                        dovecot.pop3_port)
+        self.callback(self.stop_proxies)
+        self.start_proxies(self.workers)
+
+    def start_proxies(self, workers: int) -> None:
+        """(Re)start mailgate and nginx with ``workers`` worker processes each."""
+        self.stop_proxies()
+        self.workers = workers
+        self.proxies = contextlib.ExitStack()
+        self.proxies.__enter__()
         if "mailgate" in self.target_names:
             self._start_mailgate()
         if "nginx" in self.target_names:
             self._start_nginx()
 
+    def stop_proxies(self) -> None:
+        if self.proxies is not None:
+            proxies, self.proxies = self.proxies, None
+            proxies.close()
+            for name in ("mailgate", "nginx"):
+                self.targets.pop(name, None)
+
+    def _tmp_fresh(self, name: str) -> Path:
+        return self._tmp(f"{name}-{self.workers}w-{time.monotonic_ns()}")
+
     def _start_mailgate(self) -> None:
         dovecot = self.dovecot
-        redis = self.enter_context(servers.RedisServer(self._tmp("redis")))
+        redis = self.proxies.enter_context(servers.RedisServer(self._tmp_fresh("redis")))
         gateway = servers.GatewayProcess(
-            self._tmp("gateway"), backends={BACKEND: (dovecot.host, dovecot.imap_port,
-                                                      dovecot.pop3_port)},
-            redis_url=redis.url, workers=2, protocols=("imap",),
+            self._tmp_fresh("gateway"), backends={BACKEND: (dovecot.host, dovecot.imap_port,
+                                                            dovecot.pop3_port)},
+            redis_url=redis.url, workers=self.workers, protocols=("imap", "pop3"),
             server_overrides={"log_level": self.gateway_log_level})
-        self.enter_context(gateway)
+        self.proxies.enter_context(gateway)
         gateway.route({login: BACKEND for login in self.users})
         self.targets["mailgate"] = Target(
-            "mailgate", gateway.host, gateway.imap_port, gateway.pid, redis.pid,
-            [f"2 workers, log_level={self.gateway_log_level}"])
+            "mailgate", gateway.host, gateway.imap_port, gateway.pop3_port, gateway.pid,
+            redis.pid, [f"{self.workers} workers, log_level={self.gateway_log_level}"])
 
     def _start_nginx(self) -> None:
         dovecot = self.dovecot
-        auth = self.enter_context(nginx.AuthHttp(self._tmp("auth_http"), dovecot.host,
-                                                 dovecot.imap_port))
-        proxy = self.enter_context(nginx.NginxMailProxy(self._tmp("nginx"), auth.port))
-        self.targets["nginx"] = Target("nginx", proxy.host, proxy.imap_port, proxy.pid,
-                                       auth.pid, ["worker_processes 2, proxy_buffer default"])
+        auth = self.proxies.enter_context(nginx.AuthHttp(
+            self._tmp_fresh("auth_http"), dovecot.host, dovecot.imap_port, dovecot.pop3_port))
+        proxy = self.proxies.enter_context(nginx.NginxMailProxy(
+            self._tmp_fresh("nginx"), auth.port, self.workers))
+        self.targets["nginx"] = Target(
+            "nginx", proxy.host, proxy.imap_port, proxy.pop3_port, proxy.pid, auth.pid,
+            [f"worker_processes {self.workers}, proxy_buffer default"])
 
     def dovecot_pids(self) -> list[int]:
         return procstats.process_group(self.dovecot.pid)

@@ -30,6 +30,7 @@ import os
 import time
 
 from gevent import get_hub
+from gevent.socket import socket as _GeventSocket
 
 log = logging.getLogger("mailgate.relay")
 
@@ -70,9 +71,16 @@ class RelayEnd(Exception):
 
 
 def _raw(sock) -> _socket.socket:
-    """Take the descriptor from a gevent socket into a plain non-blocking one."""
-    raw = _socket.socket(fileno=sock.detach())
-    raw.setblocking(False)
+    """Take the descriptor from a gevent socket into a plain non-blocking one.
+
+    Family, type and protocol are passed on, else the socket module asks the kernel
+    (getsockname + two getsockopt per socket); a gevent socket's descriptor is already
+    non-blocking (gevent sets it so once), so only another kind of socket is switched.
+    """
+    already_non_blocking = type(sock) is _GeventSocket
+    raw = _socket.socket(sock.family, sock.type, sock.proto, sock.detach())
+    if not already_non_blocking:
+        raw.setblocking(False)
     return raw
 
 
@@ -89,8 +97,8 @@ class _Direction:
         self.upward = upward
         self.side, self.peer = ("client", "backend") if upward else ("backend", "client")
         self.reader = loop.io(src.fileno(), READ)
-        self.writer = loop.io(dst.fileno(), WRITE)
-        self.pending = None
+        self.writer = None       # made when a write is first left pending (a watcher each
+        self.pending = None      # costs a system call, and most sessions never need it)
         self.splicing = False
 
     def on_readable(self) -> None:
@@ -132,9 +140,7 @@ class _Direction:
             relay.finish(self.peer, f"write error: {exc.strerror or exc}")
             return
         if sent < size:
-            self.pending = memoryview(bytes(data[sent:]))
-            self.reader.stop()
-            self.writer.start(relay.guard, self.on_writable)
+            self.wait_writable(memoryview(bytes(data[sent:])))
 
     def may_splice(self) -> bool:
         """Nobody needs to see this direction's bytes now (and splice is there)."""
@@ -188,9 +194,15 @@ class _Direction:
             _drain(pipe[0], size - sent)    # the next session must find the pipe empty
             raise
         if sent < size:
-            self.pending = memoryview(_drain(pipe[0], size - sent))
-            self.reader.stop()
-            self.writer.start(relay.guard, self.on_writable)
+            self.wait_writable(memoryview(_drain(pipe[0], size - sent)))
+
+    def wait_writable(self, pending: memoryview) -> None:
+        """Keep what the other side could not take; stop reading until it has taken it."""
+        self.pending = pending
+        self.reader.stop()
+        if self.writer is None:
+            self.writer = get_hub().loop.io(self.dst.fileno(), WRITE)
+        self.writer.start(self.relay.guard, self.on_writable)
 
     def on_writable(self) -> None:
         try:
@@ -209,9 +221,10 @@ class _Direction:
 
     def stop(self) -> None:
         self.reader.stop()
-        self.writer.stop()
         self.reader.close()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer.close()
 
 
 def _drain(fd: int, size: int) -> bytes:

@@ -27,6 +27,10 @@ class Service:
         from gateway import limits
         # No limit configured: logins use the directory's plain lookup script.
         self.limits = limits.Limits(self.redis, config) if limits.enabled(config) else None
+        if self.limits is None:
+            # Recent answers are reused only without limits: those are counted in Redis,
+            # in the lookup's round trip.
+            self.directory.recent = cache.RecentLookups()
         from gateway.imap.referrals import ReferralPolicy
         self.referral_policy = ReferralPolicy(config)
         self.sessions: set = set()
@@ -155,7 +159,8 @@ class Service:
 
         def subscriber():
             return connect(self.config, self.redis_url, subscriber=True)
-        listener = MoveListener(subscriber, self.close_sessions, sleep=gevent.sleep)
+        listener = MoveListener(subscriber, self.close_sessions, sleep=gevent.sleep,
+                                recent=self.directory.recent)
         gevent.spawn(listener.run)
         return listener
 

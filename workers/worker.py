@@ -20,6 +20,32 @@ from gevent.server import StreamServer  # noqa: E402
 
 log = logging.getLogger("mailgate.worker")
 
+def _sendall_in_one_send() -> None:
+    """gevent's ``socket.sendall`` asks the kernel for SO_SNDBUF before every write (to size
+    its chunks for PyPy); nearly every write here is a short protocol line that one send()
+    takes whole.  Try that send first and leave the rest, if any, to gevent's loop.  Only
+    for gevent's plain socket class: its TLS subclasses reuse sendall and must go through
+    their own send()."""
+    from gevent import socket as gevent_socket
+    plain = gevent_socket.socket
+    gevent_sendall = plain.sendall
+
+    def sendall(self, data, flags=0):
+        if type(self) is plain:
+            try:
+                sent = self._sock.send(data, flags)
+            except BlockingIOError:
+                sent = 0
+            if sent == (len(data) if type(data) is bytes else memoryview(data).nbytes):
+                return None
+            data = memoryview(data).cast("B")[sent:]
+        return gevent_sendall(self, data, flags)
+
+    plain.sendall = sendall
+
+
+_sendall_in_one_send()
+
 # Several processes accept from one socket: take few connections per wake-up so that the
 # kernel's wake-ups spread new clients across workers (gevent's default is 100).
 MAX_ACCEPT = 1

@@ -17,6 +17,8 @@ from .records import MailboxRecord
 log = logging.getLogger(__name__)
 
 HEALTH_CHECK_INTERVAL = 30  # seconds idle before a pooled connection is PINGed on reuse
+RECENT_TTL = 30.0           # seconds a worker reuses a lookup (a safety net: see RecentLookups)
+RECENT_SIZE = 10_000        # answers kept per worker (~2 MB); a full cache starts over
 
 
 class DirectoryUnavailable(Exception):
@@ -78,6 +80,62 @@ def describe(config: Config) -> str:
     return redis_url(config)
 
 
+class RecentLookups:
+    """A worker's recent answers (login name → MailboxRecord), so that a client opening
+    several connections, or reconnecting, costs no Redis round trip.
+
+    Only found records are kept, and only while the worker is subscribed to the moves
+    channel (``subscribed(True)``): every move, every generation switch (full sync) and every
+    incremental sync is published there and ``forget`` drops what it names before the
+    sessions are closed, so a move takes effect at once.  While unsubscribed (Redis lost)
+    nothing is kept, since a message could be missed.  A lookup that was in flight when
+    ``forget`` ran must not store what it read before the change: ``epoch`` counts the
+    invalidations, and ``put`` only stores an answer whose lookup began in the current one.
+    """
+
+    def __init__(self, ttl: float = RECENT_TTL, size: int = RECENT_SIZE, clock=time.monotonic):
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self.entries: dict[str, tuple[float, MailboxRecord]] = {}
+        self.epoch = 0
+        self.enabled = False
+
+    def get(self, normalized: str) -> MailboxRecord | None:
+        entry = self.entries.get(normalized)
+        if entry is None:
+            return None
+        if entry[0] < self.clock():
+            del self.entries[normalized]
+            return None
+        return entry[1]
+
+    def put(self, normalized: str, record: MailboxRecord, epoch: int) -> None:
+        """Keep ``record``, read from Redis by a lookup that began in ``epoch``."""
+        if not self.enabled or epoch != self.epoch:
+            return
+        if len(self.entries) >= self.size:
+            self.entries.clear()
+        self.entries[normalized] = (self.clock() + self.ttl, record)
+
+    def forget(self, logins=None, mailbox_ids=None) -> None:
+        """Drop these login names and mailboxes; everything when both are None."""
+        self.epoch += 1
+        if logins is None and mailbox_ids is None:
+            self.entries.clear()
+            return
+        for login in logins or ():
+            self.entries.pop(login, None)
+        if mailbox_ids:
+            for name in [n for n, (_, r) in self.entries.items() if r.mailbox_id in mailbox_ids]:
+                del self.entries[name]
+
+    def subscribed(self, connected: bool) -> None:
+        """The moves subscription is up (keep answers) or down (keep nothing)."""
+        self.forget()
+        self.enabled = connected
+
+
 class Directory:
     """Answers "which back-end holds this mailbox" from the live generation in Redis.
 
@@ -87,8 +145,10 @@ class Directory:
     when the directory server cannot answer.
     """
 
-    def __init__(self, redis_client: redis.Redis, config: DirectoryConfig, resolver=None):
+    def __init__(self, redis_client: redis.Redis, config: DirectoryConfig, resolver=None,
+                 recent: RecentLookups | None = None):
         self.redis = redis_client
+        self.recent = recent
         self.config = config
         self.resolver = resolver
         self._lookup_script = redis_client.register_script(records.LOOKUP_SCRIPT)
@@ -123,8 +183,22 @@ class Directory:
 
         ``admission`` (gateway.limits.Admission) runs the lookup inside its own script, in
         the same round trip; when it refuses the login (``status`` not "ok") this returns
-        None without asking anyone else.
+        None without asking anyone else.  Without one, a recent answer (``recent``) is
+        reused with no round trip at all; with one, Redis is asked every time (the limits
+        are counted there).
         """
+        recent = self.recent
+        if recent is None or admission is not None:
+            return self._lookup_redis(normalized, admission)
+        record = recent.get(normalized)
+        if record is None:
+            epoch = recent.epoch
+            record = self._lookup_redis(normalized, None)
+            if record is not None:
+                recent.put(normalized, record, epoch)
+        return record
+
+    def _lookup_redis(self, normalized: str, admission) -> MailboxRecord | None:
         started = time.perf_counter()
         keys = [records.CURRENT_KEY]
         args = [records.GENERATION_KEY_PREFIX, normalized, records.NEGATIVE_KEY_PREFIX]

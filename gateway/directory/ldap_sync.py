@@ -201,6 +201,8 @@ def _apply(client, generation: int, batch: list, config: Config, summary: SyncSu
             pipe.hset(ids_key, change.mailbox_id, "\n".join(change.new_records))
         else:
             pipe.hdel(ids_key, change.mailbox_id)
+    if changes:     # workers forget the lookups they keep (RecentLookups), with the write
+        pipe.publish(records.MOVES_CHANNEL, records.changed_message(generation))
     pipe.execute()
     if moves:
         publish_moves(client, moves, lock)

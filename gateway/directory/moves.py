@@ -54,9 +54,11 @@ class MoveListener:
     """
 
     def __init__(self, connect: Callable[[], redis.Redis],
-                 close: Callable[[Targets, str], int], sleep: Callable[[float], None] = time.sleep):
+                 close: Callable[[Targets, str], int], sleep: Callable[[float], None] = time.sleep,
+                 recent=None):
         self.connect = connect     # a new subscriber client (no read timeout) per attempt
         self.close = close
+        self.recent = recent       # a RecentLookups to keep exact, or None
         self.sleep = sleep
         self.stopped = False
         self.connected = False     # subscribed right now (tests and health checks)
@@ -71,7 +73,7 @@ class MoveListener:
             client = pubsub = None
             try:
                 client = self.connect()
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub = client.pubsub()   # the subscribe confirmations tell when nothing is missed
                 pubsub.subscribe(records.MOVES_CHANNEL, records.KICK_CHANNEL)
                 self.connected = True
                 if backoff > MIN_BACKOFF:
@@ -85,15 +87,23 @@ class MoveListener:
                 log.exception("moves subscription failed; retrying in %.1fs", backoff)
             finally:
                 self.connected = False
+                if self.recent is not None:
+                    self.recent.subscribed(False)
                 _close_quietly(pubsub, client)
             if not self.stopped:
                 self.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
     def listen(self, pubsub) -> None:
+        confirmations = 0
         while not self.stopped:
             message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
             if message is None:
+                continue
+            if message.get("type") == "subscribe":
+                confirmations += 1     # both channels confirmed: no message can be missed
+                if confirmations == 2 and self.recent is not None:
+                    self.recent.subscribed(True)
                 continue
             batch = [message]
             while len(batch) < MAX_BATCH:
@@ -105,6 +115,7 @@ class MoveListener:
 
     def deliver(self, batch: list[dict]) -> None:
         moves, kicks = Targets(), Targets()
+        changed = False
         for message in batch:
             if message.get("type") != "message":
                 continue
@@ -113,9 +124,15 @@ class MoveListener:
             try:
                 login, mailbox_id = records.parse_close_message(message["data"])
             except ValueError as exc:
-                log.warning("ignored a message on %s: %s", channel, exc)
+                if records.is_changed_message(message["data"]):
+                    changed = True
+                else:
+                    log.warning("ignored a message on %s: %s", channel, exc)
                 continue
             (kicks if channel == records.KICK_CHANNEL else moves).add(login, mailbox_id)
+        if self.recent is not None and (changed or moves):
+            # before the sessions close: their clients reconnect and must look up afresh
+            self.recent.forget(*((None, None) if changed else (moves.logins, moves.mailbox_ids)))
         for targets, text in ((moves, MOVED_TEXT), (kicks, KICKED_TEXT)):
             if targets:
                 closed = self.close(targets, text)

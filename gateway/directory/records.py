@@ -165,6 +165,20 @@ def kick_message(login_name: str, mailbox_id: str = "") -> bytes:
     return msgpack.packb(fields)
 
 
+def changed_message(generation: int) -> bytes:
+    """The payload published on MOVES_CHANNEL when the directory changed in a way a move
+    message does not name (a generation switch, an incremental sync): workers forget
+    every lookup they keep (gateway.directory.cache.RecentLookups)."""
+    return msgpack.packb({"changed": generation})
+
+
+def is_changed_message(data: bytes) -> bool:
+    try:
+        return "changed" in _unpack_map(data, "message")
+    except ValueError:
+        return False
+
+
 def parse_move_message(data: bytes) -> Move:
     """The Move of a MOVES_CHANNEL payload; ValueError on anything else."""
     fields = _unpack_map(data, "message")

@@ -308,6 +308,7 @@ def _switch(client: redis.Redis, generation: int, old_generation: int | None,
     pipe.delete(records.LDAP_MARK_KEY)
     if high_water:
         pipe.hset(records.LDAP_MARK_KEY, mapping={**high_water, "generation": generation})
+    pipe.publish(records.MOVES_CHANNEL, records.changed_message(generation))
     pipe.execute()
 
 

@@ -210,6 +210,8 @@ def test_incremental_sync_openldap(slapd, own_ou, db_url, client):
     assert lines[-1].startswith("sync ldap --incremental: ")
     assert {k: counts(lines[-1])[k] for k in ("added", "changed", "removed")} == \
         {"added": 2, "changed": 1, "removed": 1}
+    # the batch's "directory changed" (workers forget the lookups they keep), then its move
+    assert records.is_changed_message(pubsub.get_message(timeout=5)["data"])
     move = records.parse_move_message(pubsub.get_message(timeout=5)["data"])
     assert move == ("user0001@example.com", data.HOST_A, data.HOST_B, mailbox_1)
     pubsub.close()
