@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 CONFIG ?= deploy/gateway.example.toml
 # Debian packages the test suite starts as real servers.
 TEST_PACKAGES := redis-server redis-sentinel dovecot-imapd dovecot-pop3d slapd ldap-utils haproxy nginx-light libnginx-mod-mail
+# What `make bench` needs besides them: strace counts the system calls per session.
+BENCH_PACKAGES := strace
 
 .PHONY: run test venv deps bench check-config clean demo
 
@@ -30,6 +32,7 @@ test: deps venv
 	$(PY) -m pytest -q tests
 
 bench: venv
+	@command -v strace >/dev/null || bash deploy/install-test-deps.sh $(BENCH_PACKAGES)
 	$(PY) -m bench
 	$(PY) -m bench.metrics_cost
 	$(PY) -m bench.tls

@@ -33,7 +33,8 @@ def draw(results: dict, path: Path) -> bool:
     left.set_xticks(range(len(groups)), [f"{p.upper()}\n{w} w" for w, p in groups])
     left.axhline(1.0, color="grey", linewidth=0.8)
     left.set_title("sessions/s, ratio to direct")
-    left.legend(loc="lower right")
+    left.set_ylim(0, 1.25)
+    left.legend(loc="upper right", ncol=2, fontsize="small")
     fetch = results.get("fetch10") or {}
     values = [_ratio(fetch, t, "mb_per_s") or 0 for t in PROXIES]
     middle.bar(PROXIES, values, color=[COLOURS[t] for t in PROXIES])
