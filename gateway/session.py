@@ -354,26 +354,33 @@ class Session:
 
     def while_client_waits(self, backend_phase):
         """Run ``backend_phase()``; a client that hangs up meanwhile ends it at once
-        (ClientGone), so a slow back-end does not keep both connections of a dead login."""
+        (ClientGone), so a slow back-end does not keep both connections of a dead login.
+
+        The watch is a callback on the event loop, not a greenlet: every login pays for it,
+        and a greenlet's spawn, switches and kill cost more than the login's own reads."""
         import gevent
-        from gevent.socket import wait_read
         phase = gevent.getcurrent()
         client = self.client
+        watcher = gevent.get_hub().loop.io(client.fileno(), 1)
 
-        def watch() -> None:
+        def readable() -> None:
+            watcher.stop()
             try:
-                wait_read(client.fileno())
+                # The descriptor is readable, so this peek returns at once (bytes or EOF).
                 gone = not client.recv(1, socket.MSG_PEEK)
             except OSError:
                 gone = True
+            except Exception:  # noqa: BLE001 - a surprise here must not reach the loop
+                gone = False
             if gone:      # (bytes pipelined behind the login are no hang-up: stop watching)
                 phase.kill(ClientGone("client closed during the back-end login"), block=False)
 
-        watcher = gevent.spawn(watch)
+        watcher.start(readable)
         try:
             return backend_phase()
         finally:
-            watcher.kill(block=False)
+            watcher.stop()
+            watcher.close()
 
     def login_failed(self, exc: LoginError, started: float) -> None:
         self.state = State.PREAUTH
