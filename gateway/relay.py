@@ -106,25 +106,10 @@ class _Direction:
             self.splice_through()
             return
         relay = self.relay
-        try:
-            size = self.src.recv_into(_buffer)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            relay.finish(self.side, f"read error: {exc.strerror or exc}")
-            return
+        size = read_or_finish(relay, self.side, self.src.recv_into, _buffer)
         if not size:
-            relay.finish(self.side, "closed")
             return
-        session = relay.session
-        session.last_activity = time.monotonic()
-        if self.upward:
-            session.bytes_in += size
-            if relay.observe is not None:
-                relay.observe(_buffer, size)
-        else:
-            session.bytes_out += size
-            relay.tail = bytes(_view[max(0, size - 64):size])
+        account_read(relay, self.upward, size)
         if size == CHUNK and self.may_splice():
             self.splicing = True      # bulk data: the next reads go socket → pipe → socket
         if self.upward or relay.rewrite is None:
@@ -160,23 +145,10 @@ class _Direction:
             self.splicing = False
             self.on_readable()
             return
-        try:
-            size = _SPLICE(self.src.fileno(), pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            relay.finish(self.side, f"read error: {exc.strerror or exc}")
-            return
+        size = read_or_finish(relay, self.side, _splice_in, self.src.fileno(), pipe[1])
         if not size:
-            relay.finish(self.side, "closed")
             return
-        session = relay.session
-        session.last_activity = time.monotonic()
-        if self.upward:
-            session.bytes_in += size
-        else:
-            session.bytes_out += size
-            relay.tail = b""       # not seen: a goodbye in it is not known
+        account_read(relay, self.upward, size, seen=False)
         if size < CHUNK:
             self.splicing = False     # the bulk is over: small answers take the copying path
         sent = 0
@@ -227,6 +199,42 @@ class _Direction:
             self.writer.close()
 
 
+
+def _splice_in(src: int, pipe_in: int) -> int:
+    return _SPLICE(src, pipe_in, PIPE_SIZE, flags=_SPLICE_FLAGS)
+
+
+def read_or_finish(relay, side: str, read, *args) -> int:
+    """``read(*args)``'s size, or 0: nothing to read yet, or the read ended the relay (an
+    error or the peer's close, reported to ``relay.finish`` here)."""
+    try:
+        size = read(*args)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        relay.finish(side, f"read error: {exc.strerror or exc}")
+        return 0
+    if not size:
+        relay.finish(side, "closed")
+    return size
+
+
+def account_read(relay, upward: bool, size: int, seen: bool = True) -> None:
+    """Book ``size`` bytes just read into the shared buffer (``seen``) or moved unseen by
+    splice: activity for the idle sweep, the byte counters, the client-side observer and the
+    back-end's last bytes (how a relay ending knows whether a goodbye already went out).
+    Shared by the plain and the TLS relay."""
+    session = relay.session
+    session.last_activity = time.monotonic()
+    if upward:
+        session.bytes_in += size
+        if seen and relay.observe is not None:
+            relay.observe(_buffer, size)
+    else:
+        session.bytes_out += size
+        # Spliced bytes are never seen: a goodbye among them is not known.
+        relay.tail = bytes(_view[max(0, size - 64):size]) if seen else b""
+
 def _drain(fd: int, size: int) -> bytes:
     """Read ``size`` bytes that are in the pipe (they are: splice put them there)."""
     parts = []
@@ -257,7 +265,7 @@ class Relay:
     """
 
     __slots__ = ("session", "client", "backend", "up", "down", "observe", "rewrite", "tail",
-                 "done")
+                 "done", "finishing")
 
     def __init__(self, session, client, backend, observe=None, rewrite=None):
         self.session = session
@@ -267,6 +275,7 @@ class Relay:
         self.rewrite = rewrite
         self.tail = b""          # the back-end's last bytes (did it say goodbye?)
         self.done = False
+        self.finishing = False   # relay_ended() may write a goodbye: no second finish()
         self.up = _Direction(self, self.client, self.backend, True)
         self.down = _Direction(self, self.backend, self.client, False)
 
@@ -293,8 +302,9 @@ class Relay:
 
     def finish(self, side: str, reason: str) -> None:
         """Stop both directions, let the protocol say goodbye, close both sockets."""
-        if self.done:
+        if self.finishing:
             return
+        self.finishing = True
         self.up.stop()
         self.down.stop()
         try:

@@ -16,16 +16,14 @@ greenlets measured 17 KiB more per session; ``python -m bench.tls``).  Same inte
 """
 from __future__ import annotations
 
-import logging
 import time
 
 from gevent import get_hub
 from OpenSSL import SSL
 
-from gateway.relay import READ, WRITE, RelayEnd, _buffer, _raw, _view
+from gateway.relay import READ, WRITE, Relay, _buffer, _raw, _view, account_read, read_or_finish
 from gateway.tlsconn import _ssl_reason
 
-log = logging.getLogger("mailgate.relay")
 RECORD = 16384
 
 
@@ -164,28 +162,16 @@ class _Direction:
         if relay.finishing or self.pending is not None:
             return
         try:
-            size = self.src.read_into(_buffer)
+            size = read_or_finish(relay, self.side, self.src.read_into, _buffer)
         except _Want as want:
             self._wait(self.src, want.events, self.on_readable)
             return
-        except OSError as exc:
-            relay.finish(self.side, f"read error: {exc.strerror or exc}")
-            return
         if not size:
-            relay.finish(self.side, "closed")
             return
-        session = relay.session
-        session.last_activity = time.monotonic()
-        if self.upward:
-            session.bytes_in += size
-            if relay.observe is not None:
-                relay.observe(_buffer, size)
-        else:
-            session.bytes_out += size
-            relay.tail = bytes(_view[max(0, size - 64):size])
-            if relay.rewrite is not None:
-                self.forward(relay.rewrite(_view, size))
-                return
+        account_read(relay, self.upward, size)
+        if not self.upward and relay.rewrite is not None:
+            self.forward(relay.rewrite(_view, size))
+            return
         self.forward(_view[:size])
 
     def forward(self, data) -> None:
@@ -226,11 +212,11 @@ class _Direction:
         self.active = None
 
 
-class TlsRelay:
-    """The relay of one logged-in session whose client or back-end connection is TLS."""
+class TlsRelay(Relay):
+    """The relay of one logged-in session whose client or back-end connection is TLS: the
+    plain relay's life cycle (``guard``, ``finish``) over TLS-aware directions."""
 
-    __slots__ = ("session", "client", "backend", "up", "down", "observe", "rewrite", "tail",
-                 "done", "finishing")
+    __slots__ = ()
 
     def __init__(self, session, client, backend, observe=None, rewrite=None):
         self.session = session
@@ -252,14 +238,6 @@ class TlsRelay:
             if direction.src.buffered():
                 direction.loop.run_callback(self.guard, direction.on_readable)
 
-    def guard(self, callback) -> None:
-        """Run a watcher callback; a bug ends this session only, never the worker."""
-        try:
-            callback()
-        except Exception:  # noqa: BLE001
-            log.exception("session=%s relay error", self.session.id)
-            self.finish("gateway", "internal error")
-
     def send_to_client(self, data: bytes) -> None:
         """Best effort, for a goodbye line: only between chunks, never blocking."""
         if self.done or self.down.pending is not None:
@@ -268,21 +246,3 @@ class TlsRelay:
             self.client.try_send(data)
         except (OSError, _Want):
             pass
-
-    def finish(self, side: str, reason: str) -> None:
-        """Stop both directions, let the protocol say goodbye, close both connections."""
-        if self.finishing:
-            return
-        self.finishing = True
-        self.up.stop()
-        self.down.stop()
-        try:
-            self.session.relay_ended(RelayEnd(side, reason))
-        finally:
-            self.done = True
-            for end in (self.client, self.backend):
-                try:
-                    end.close()
-                except OSError:
-                    pass
-            self.session.relay_closed()
