@@ -8,7 +8,7 @@ TEST_PACKAGES := redis-server redis-sentinel dovecot-imapd dovecot-pop3d slapd l
 # What `make bench` needs besides them: strace counts the system calls per session.
 BENCH_PACKAGES := strace
 
-.PHONY: run test venv deps bench check-config clean demo
+.PHONY: run test test-soak venv deps bench check-config clean demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ deps:
 
 test: deps venv
 	$(PY) -m pytest -q tests
+
+# Long fault and fuzz runs (tests marked soak): 20,000 fuzzed sessions, minutes of faults.
+test-soak: deps venv
+	MAILGATE_SOAK=1 $(PY) -m pytest -q -m soak tests
 
 bench: venv
 	@command -v strace >/dev/null || bash deploy/install-test-deps.sh $(BENCH_PACKAGES)

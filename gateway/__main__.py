@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     ldap.add_argument("--config", required=True)
     ldap.add_argument("--incremental", action="store_true",
                       help="only the entries changed since the last sync")
+    refill = sync_sub.add_parser("refill", help="the last full sync again, if the cache is "
+                                                "empty or older than it (run by the master)")
+    refill.add_argument("--config", required=True)
 
     lookup = sub.add_parser("lookup", help="where a mailbox lives, and from which source")
     lookup.add_argument("login")
@@ -83,6 +86,8 @@ def cmd_sync(config, args) -> int:
     from gateway.directory import cli
     if args.source == "ldap":
         return cli.cmd_sync_ldap(config, args.incremental)
+    if args.source == "refill":
+        return cli.cmd_sync_refill(config)
     return cli.cmd_sync_export(config, args.file)
 
 

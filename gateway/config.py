@@ -206,6 +206,85 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The sane values of one numeric key: ``low <= value <= high`` (or exactly 0 when
+    ``zero`` names what 0 means); ``why`` ends the error message."""
+    low: float
+    high: float
+    why: str
+    zero: str = ""
+    unit: str = ""
+
+    def check(self, value) -> str | None:
+        """None when ``value`` is sane, else the reason for the error message."""
+        if value == 0 and self.zero:
+            return None
+        if self.low <= value <= self.high:
+            return None
+        unit = f" {self.unit}" if self.unit else ""
+        zero = f" (or 0: {self.zero})" if self.zero else ""
+        why = f": {self.why}" if self.why else ""
+        return f"must be between {_number(self.low)} and {_number(self.high)}{unit}{zero}{why}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+LOGIN_DEADLINE_RANGE = (1.0, 3600.0)
+_PORT = Range(1, 65535, "a TCP port number")
+_NETWORK_TIMEOUT = Range(0.1, 600, "seconds; 0 would fail every attempt at once, more than "
+                                   "10 minutes holds a client with no answer")
+# Every numeric key of every table, reviewed (issue 12: heartbeat_timeout = 0 made the master
+# fork thousands of workers a second).  A numeric field missing here is a test failure.
+RANGES: dict[type, dict[str, Range]] = {
+    ServerConfig: {
+        "workers": Range(1, 1024, "worker processes; more than 1024 on one host is a typo",
+                         zero="one per CPU"),
+        "graceful_timeout": Range(0, 86400, "seconds sessions get to finish on TERM/HUP"),
+        "max_connections": Range(1, 1_000_000, "open sessions per worker (each needs a file "
+                                               "descriptor or two)"),
+        "heartbeat_timeout": Range(1, 3600, "seconds; workers beat every quarter of it, below "
+                                            "1 s a busy worker is killed and replaced in a loop"),
+        "auth_failure_delay": Range(0, 60, "seconds; longer holds every client of a typo"),
+    },
+    RedisConfig: {
+        "timeout": Range(0.01, 60, "seconds a lookup may wait: logins wait that long "
+                                   "when Redis is gone"),
+    },
+    ProtocolConfig: {
+        "preauth_timeout": Range(0.5, 3600, "idle seconds before login"),
+        "idle_timeout": Range(0.5, 7 * 86400, "idle seconds after login"),
+        "max_line": Range(1024, 16 << 20, "bytes; RFC 3501 clients send lines of 8000 "
+                                          "octets, and a line is held in memory whole"),
+        "max_login_literal": Range(256, 1 << 20, "bytes of one literal before login"),
+        # below 1 s no login can finish, above an hour it no longer bounds a slowloris
+        "login_deadline": Range(*LOGIN_DEADLINE_RANGE, "", unit="seconds"),
+    },
+    BackendConfig: {
+        "imap_port": _PORT,
+        "pop3_port": _PORT,
+        "connect_timeout": _NETWORK_TIMEOUT,
+        "login_timeout": _NETWORK_TIMEOUT,
+    },
+    DirectoryConfig: {
+        "negative_ttl": Range(0, 86400, "seconds a \"no such user\" is cached (0 = not at all)"),
+        "sync_interval": Range(0.5, 7 * 86400, "seconds between incremental syncs",
+                               zero="never"),
+        "lookup_timeout": Range(0.05, 60, "seconds a read-through lookup may hold a login"),
+        "ldap_page_size": Range(1, 100_000, "entries per LDAP page (Active Directory: at "
+                                            "most 1000)"),
+        "ldap_timeout": _NETWORK_TIMEOUT,
+    },
+    ReferralConfig: {
+        "max_hops": Range(0, 10, "login referrals followed in a row (0 = none)"),
+        "connect_timeout": _NETWORK_TIMEOUT,
+        "login_timeout": _NETWORK_TIMEOUT,
+    },
+}
+
+
 class _Reader:
     """Checks one TOML table against a dataclass, naming file and key on every error."""
 
@@ -224,6 +303,10 @@ class _Reader:
             if key not in fields or key in extra:
                 raise self.fail(f"{prefix}.{key}", "unknown key")
             values[key] = self.value(fields[key], value, f"{prefix}.{key}")
+            sane = RANGES.get(cls, {}).get(key)
+            reason = sane.check(values[key]) if sane is not None else None
+            if reason:
+                raise self.fail(f"{prefix}.{key}", reason)
         return cls(**values)
 
     def value(self, fld: dataclasses.Field, value: Any, key: str):
@@ -274,8 +357,6 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     server = reader.table(ServerConfig, raw.get("server", {}), "server")
     if server.log_level not in ("debug", "info", "warning", "error"):
         raise reader.fail("server.log_level", "must be debug, info, warning or error")
-    if server.max_connections < 1:
-        raise reader.fail("server.max_connections", "must be at least 1")
     if server.log_format not in ("text", "json"):
         raise reader.fail("server.log_format", "must be \"text\" or \"json\"")
     if server.status_interval <= 0:
@@ -289,8 +370,6 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     pop3 = reader.table(ProtocolConfig, raw.get("pop3", {}), "pop3")
     if "pop3" not in raw or "idle_timeout" not in raw.get("pop3", {}):
         pop3 = dataclasses.replace(pop3, idle_timeout=600.0)  # RFC 1939 §3: at least 10 minutes
-    for name, protocol in (("imap", imap), ("pop3", pop3)):
-        _check_protocol(reader, name, protocol)
     backends = _backends(reader, raw.get("backends", {}))
     directory = _directory(reader, raw.get("directory", {}))
     referrals = reader.table(ReferralConfig, raw.get("referrals", {}), "referrals")
@@ -335,16 +414,6 @@ def _limits(reader: _Reader, raw: Any) -> LimitsConfig:
     return limits
 
 
-LOGIN_DEADLINE_RANGE = (1.0, 3600.0)
-
-
-def _check_protocol(reader: _Reader, name: str, protocol: ProtocolConfig) -> None:
-    """[imap]/[pop3] login_deadline: below 1 s no login can finish, above an hour it no
-    longer bounds a slowloris."""
-    low, high = LOGIN_DEADLINE_RANGE
-    if not low <= protocol.login_deadline <= high:
-        raise reader.fail(f"{name}.login_deadline", f"must be between {low:g} and {high:g} seconds")
-
 
 DIRECTORY_MISS = ("read-through", "unknown", "unavailable")
 CHANGE_ATTRIBUTES = ("modifyTimestamp", "uSNChanged")
@@ -367,8 +436,6 @@ def _directory(reader: _Reader, raw: Any) -> DirectoryConfig:
         raise reader.fail("directory.login_attributes", "must name at least one attribute")
     if not directory.backend_attribute:
         raise reader.fail("directory.backend_attribute", "is required")
-    if directory.ldap_page_size < 1:
-        raise reader.fail("directory.ldap_page_size", "must be at least 1")
     if directory.ldap_change_attribute.lower() not in (a.lower() for a in CHANGE_ATTRIBUTES):
         raise reader.fail("directory.ldap_change_attribute",
                           f"must be one of {', '.join(CHANGE_ATTRIBUTES)}")
@@ -386,8 +453,6 @@ def _check_ldap(reader: _Reader, directory: DirectoryConfig) -> None:
         raise reader.fail("directory.ldap_start_tls", "is for ldap:// URLs; ldaps:// is TLS already")
     if not directory.ldap_base:
         raise reader.fail("directory.ldap_base", "is required with source = \"ldap\"")
-    if directory.lookup_timeout <= 0:
-        raise reader.fail("directory.lookup_timeout", "must be above 0")
 
 
 def _tls(reader: _Reader, raw: Any) -> TLSConfig:
@@ -491,8 +556,5 @@ def _backends(reader: _Reader, raw: Any) -> dict[str, BackendConfig]:
             raise reader.fail(f"{key}.tls", f"must be one of {', '.join(TLS_MODES)}")
         if backend.tls == "none" and (backend.tls_ca_file or backend.tls_verify_name):
             raise reader.fail(f"{key}.tls_ca_file", "needs tls = \"starttls\" or \"implicit\"")
-        for port_key in ("imap_port", "pop3_port"):
-            if not 0 < getattr(backend, port_key) < 65536:
-                raise reader.fail(f"{key}.{port_key}", "must be a port number")
         result[name] = backend
     return result

@@ -37,6 +37,8 @@ class Service:
         self.draining = False          # the gateway is stopping: /healthz answers 503
         from gateway import tls
         self.tls_context = tls.server_context(config)   # after fork: each worker its own
+        self.max_sessions = config.server.max_connections
+        self.room_callbacks: list = []   # called when a full worker has room again
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}"
         self.move_listener = self._start_move_listener()
@@ -60,7 +62,6 @@ class Service:
         if session_class is None:
             raise ValueError(f"protocol {listen.protocol!r} is not served yet")
 
-        limit = self.config.server.max_connections
         from gateway import proxyproto
         trusted = proxyproto.networks(listen.proxy_trusted)
 
@@ -69,7 +70,7 @@ class Service:
             if client is None:
                 return
             session = session_class(self, client, address, listen)
-            if len(self.sessions) >= limit:
+            if self.full():
                 recorder.refused(listen.protocol, "worker")
                 event(log, logging.WARNING, "refused", session=session.id,
                       proto=listen.protocol, client=session.client_address,
@@ -105,8 +106,17 @@ class Service:
             return None, None
         return client, address
 
+    def full(self) -> bool:
+        """At ``max_connections`` open sessions (logging in or relayed): the worker stops
+        accepting, so that the kernel hands new clients to another worker."""
+        return len(self.sessions) >= self.max_sessions
+
     def forget(self, session) -> None:
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            if len(self.sessions) == self.max_sessions - 1:
+                for callback in self.room_callbacks:
+                    callback()
 
     def open_sessions(self) -> int:
         return len(self.sessions)
@@ -160,9 +170,37 @@ class Service:
         def subscriber():
             return connect(self.config, self.redis_url, subscriber=True)
         listener = MoveListener(subscriber, self.close_sessions, sleep=gevent.sleep,
-                                recent=self.directory.recent)
+                                recent=self.directory.recent,
+                                recheck=self.close_moved_sessions)
         gevent.spawn(listener.run)
         return listener
+
+    def close_moved_sessions(self) -> int:
+        """Look up every logged-in session's mailbox again and say goodbye to those whose
+        home back-end changed: the moves published while this worker was cut off from Redis
+        (pub/sub keeps nothing for it), or made by a sync into an empty cache (no diff, no
+        moves published).  Returns how many were closed."""
+        from gateway.directory.cache import DirectoryUnavailable
+        from gateway.directory.moves import MOVED_TEXT
+        from gateway.session import State
+        closed = 0
+        for session in list(self.sessions):
+            home = getattr(session, "home_backend", "")
+            if session.state is not State.PROXYING or session.closing or not home:
+                continue
+            try:
+                record = self.directory.lookup(session.login_name)
+            except DirectoryUnavailable as exc:
+                log.warning("moves missed while disconnected not checked: %s", exc)
+                break
+            backend = self.config.backend(record.backend) if record is not None else None
+            if backend is not None and backend.name != home:
+                log.info("session=%s login=%s: moved to %s while this worker was cut off "
+                         "from Redis", session.id, session.login_name, backend.name)
+                session.goodbye(MOVED_TEXT)
+                closed += 1
+        log.info("routes of open sessions checked (Redis reconnect or reload): %d moved", closed)
+        return closed
 
     def close_sessions(self, targets, text: str) -> int:
         """Say goodbye (``text``) to the sessions logged in, or logging in, under one of the

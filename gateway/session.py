@@ -175,6 +175,7 @@ class Session:
         self.login_name = ""
         self.mailbox_id = ""    # the directory's id of the mailbox: moves close by it too
         self.backend_name = ""  # the [backends] name (or referred host:port) logged in at
+        self.home_backend = ""  # the directory's back-end at login (a referral may differ)
         self.backend_sock: socket.socket | None = None
         self.bytes_in = 0       # client → gateway
         self.bytes_out = 0      # gateway → client
@@ -343,6 +344,7 @@ class Session:
             return False
         self.login_name = found.login_name
         self.mailbox_id = found.mailbox_id
+        self.home_backend = found.target.config.name   # where the directory routed it (moves)
         self.state = State.PROXYING
         if self.admission is not None:
             self.admission.succeeded()

@@ -28,12 +28,17 @@ ROUTES = {**{login: "A" for login in USERS_A}, **{login: "B" for login in USERS_
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "integration: starts real servers (Redis, Dovecot, the gateway)")
+    config.addinivalue_line(
+        "markers", "soak: long fault and fuzz runs, only with MAILGATE_SOAK=1 (make test-soak)")
 
 
 def pytest_collection_modifyitems(config, items):
+    soak = os.environ.get("MAILGATE_SOAK", "") not in ("", "0")
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.integration)
+        if "soak" in item.keywords and not soak:
+            item.add_marker(pytest.mark.skip(reason="soak run: make test-soak"))
 
 
 def _in_ci() -> bool:

@@ -243,7 +243,7 @@ class RedisServer(_Process):
         binary = find_binary("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed")
-        self.port = free_port()
+        self.port = self.port or free_port()   # a restart keeps the port (fault tests)
         conf = self.tmpdir / "redis.conf"
         conf.write_text("\n".join([
             f"port {self.port}",

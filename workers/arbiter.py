@@ -22,12 +22,13 @@ from gateway import metrics
 from gateway import status as status_mod
 from gateway import tls
 from workers.probe import BackendProbe
-from workers.services import EmbeddedRedis, ServiceError, SyncJob
+from workers.services import CacheRefill, EmbeddedRedis, ServiceError, SyncJob
 from workers.sockets import BindError, SocketSet
 
 log = logging.getLogger("mailgate.master")
 
-WORKER_BOOT_ERROR = 3
+WORKER_BOOT_ERROR = 3     # the worker never served: stop rather than respawn for ever
+WORKER_CRASHED = 4        # the worker served, then failed: replace it like a killed one
 SIGNALS = ("HUP", "QUIT", "INT", "TERM", "TTIN", "TTOU", "CHLD")
 
 
@@ -64,6 +65,7 @@ class Arbiter:
         self.redis: EmbeddedRedis | None = None
         self.redis_url = config.redis.url
         self.sync_job: SyncJob | None = None
+        self.refill: CacheRefill | None = None
         self.signal_queue: list[str] = []
         self.pipe: tuple[int, int] | None = None
         self.stopping = False
@@ -125,6 +127,7 @@ class Arbiter:
             self.redis.start()
             self.redis_url = f"unix://{self.redis.socket_path}"
         self.sync_job = SyncJob.for_config(self.config)
+        self.refill = CacheRefill(self.config)
         addresses = ", ".join(f"{l.protocol}={l.address}" for l in self.config.listen)
         log.info("master pid=%d listening %s, %d workers", os.getpid(), addresses, self.target)
 
@@ -165,6 +168,8 @@ class Arbiter:
                 self.probe = None
         if self.sync_job and not self.stopping:
             self.sync_job.tick()
+        if self.refill and not self.stopping:
+            self.refill.tick()
         self.status.maybe_write(self, self.config.server.status_interval)
 
     # -- signals ---------------------------------------------------------------------------
@@ -205,6 +210,8 @@ class Arbiter:
             return
         self.config = fresh
         self.sync_job = SyncJob.for_config(fresh, self.sync_job)
+        if self.refill:
+            self.refill.reconfigure(fresh)
         if not self.workers_override:
             self.target = fresh.server.worker_count
         old = [w for w in self.workers.values() if w.retiring_since is None]
@@ -249,6 +256,8 @@ class Arbiter:
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
         except BaseException:  # noqa: BLE001 - a child must never return into the master loop
+            # worker.main sorts boot failures from crashes; what escapes it (the import of
+            # the worker module, gevent's patching) happened before the first accept.
             log.exception("worker pid=%d failed", os.getpid())
             status = WORKER_BOOT_ERROR
         finally:
@@ -276,6 +285,10 @@ class Arbiter:
             if not pid:
                 return
             if self.redis and self.redis.reap(pid):
+                if self.refill:
+                    self.refill.soon()
+                continue
+            if self.refill and self.refill.reap(pid, status):
                 continue
             if self.sync_job and self.sync_job.reap(pid, status):
                 continue
@@ -288,7 +301,8 @@ class Arbiter:
             if code == WORKER_BOOT_ERROR:
                 raise HaltServer(f"worker pid={pid} failed to boot; see the lines above", 3)
             if worker.retiring_since is None and not self.stopping:
-                log.warning("worker pid=%d died (%s); replacing it", pid, _describe(code))
+                log.warning("worker pid=%d %s (%s); replacing it", pid,
+                            "crashed" if code == WORKER_CRASHED else "died", _describe(code))
             else:
                 log.info("worker pid=%d exited", pid)
 
@@ -341,6 +355,8 @@ class Arbiter:
             self.probe.close()
         if self.sync_job:
             self.sync_job.stop()
+        if self.refill:
+            self.refill.stop()
         if self.redis:
             self.redis.stop()
         self.sockets.close()

@@ -49,6 +49,10 @@ _sendall_in_one_send()
 # Several processes accept from one socket: take few connections per wake-up so that the
 # kernel's wake-ups spread new clients across workers (gevent's default is 100).
 MAX_ACCEPT = 1
+# A full worker still answers: a client nobody else accepted within this many seconds gets
+# the protocol's "too many connections" goodbye from it (never silence in the backlog).
+REFUSE_DELAY = 0.2
+REFUSE_BATCH = 64
 
 
 class Worker:
@@ -71,13 +75,20 @@ class Worker:
             fd = fds[listen.host_port]
             listener = socket.socket(fileno=os.dup(fd))
             listener.setblocking(False)
-            pool = Pool(config.server.max_connections)
+            # The bound that counts is the worker's open sessions (logged-in ones leave the
+            # pool for the relay); the pool only caps greenlets, with room for refusals.
+            pool = Pool(config.server.max_connections + REFUSE_BATCH)
             server = StreamServer(listener, self.service.handler(listen), spawn=pool)
             server.max_accept = MAX_ACCEPT
             server.is_health = listen.protocol == "health"
+            if not server.is_health:     # (/healthz answers however many sessions are open)
+                server.full = self.service.full
             self.servers.append(server)
+        self.service.room_callbacks.append(self.resume_accepting)
 
-    def run(self) -> int:
+    def start(self) -> None:
+        """Boot: signal handlers, then accept on every socket.  A failure here is a boot
+        failure (the master stops instead of respawning a worker that can never serve)."""
         gevent.signal_handler(signal.SIGTERM, self.request_stop, True)
         gevent.signal_handler(signal.SIGQUIT, self.request_stop, False)
         # USR1 is the master's graceful stop of the whole gateway (TERM alone retires this
@@ -88,9 +99,40 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for server in self.servers:
             server.start()
+            if not server.is_health:
+                gevent.spawn(self.refuse_while_full, server)
+
+    def resume_accepting(self) -> None:
+        """A full worker has room again (gevent only resumes on its pool's semaphore)."""
+        for server in self.servers:
+            if server.started and not self.stop_event.is_set():
+                server.start_accepting()
+
+    def refuse_while_full(self, server: StreamServer) -> None:
+        """While the worker is full, answer the clients that wait in the listen backlog with
+        the protocol's goodbye: a worker with room takes them first (it is woken at once);
+        what is still there after REFUSE_DELAY found every worker full."""
+        while server.started:
+            gevent.sleep(REFUSE_DELAY)
+            for _ in range(REFUSE_BATCH):
+                if not self.service.full() or not server.started:
+                    break
+                try:
+                    accepted = server.do_read()
+                except OSError:
+                    break
+                if not accepted:
+                    break
+                server.do_handle(*accepted)   # a greenlet of the pool: refuses (or serves,
+                                              # should a session have ended meanwhile)
+
+    def run(self) -> int:
+        """Serve until told to stop; an exception out of here is a crash after boot (the
+        master replaces the worker)."""
         beat = gevent.spawn(self.beat)
         flusher = gevent.spawn(self.recorder.run_flusher, gevent.sleep)
         log.info("worker pid=%d serving", os.getpid())
+        _crash_hook()
         self.stop_event.wait()
         self.drain()
         beat.kill()
@@ -155,14 +197,41 @@ class Worker:
             pool.kill(block=True, timeout=1)
 
 
+def _crash_hook() -> None:
+    """Test hook (no client can make a booted worker raise): once the file named by
+    MAILGATE_TEST_CRASH_FILE appears, the first serving worker to remove it raises in its
+    main greenlet, as an unexpected bug would."""
+    path = os.environ.get("MAILGATE_TEST_CRASH_FILE")
+    if not path:
+        return
+    main_greenlet = gevent.getcurrent()
+
+    def crash_when_asked():
+        while True:
+            gevent.sleep(0.05)
+            try:
+                os.unlink(path)
+            except OSError:
+                continue
+            main_greenlet.throw(RuntimeError("test hook: crash after boot"))
+    gevent.spawn(crash_when_asked)
+
+
 def main(config, fds: dict, heartbeat, redis_url: str) -> int:
-    """Run a worker in this (freshly forked) process; the return value is the exit status."""
+    """Run a worker in this (freshly forked) process; the return value is the exit status:
+    WORKER_BOOT_ERROR when it could not start serving (the master stops), WORKER_CRASHED
+    when it failed after that (the master replaces it)."""
     from gateway import logs
+    from workers.arbiter import WORKER_BOOT_ERROR, WORKER_CRASHED
     logs.setup(config.server.log_level, config.server.log_format)
     try:
         worker = Worker(config, fds, heartbeat, redis_url)
+        worker.start()
     except Exception:
         log.exception("worker pid=%d cannot start", os.getpid())
-        from workers.arbiter import WORKER_BOOT_ERROR
         return WORKER_BOOT_ERROR
-    return worker.run()
+    try:
+        return worker.run()
+    except Exception:  # noqa: BLE001 - reported, and the master replaces this worker
+        log.exception("worker pid=%d crashed after boot", os.getpid())
+        return WORKER_CRASHED

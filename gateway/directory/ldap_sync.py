@@ -47,7 +47,7 @@ def fingerprint(config: Config) -> str:
 
 
 def full_ldap_sync(client: redis.Redis, config: Config, progress: TextIO | None = None,
-                   label: str = "sync ldap") -> SyncSummary:
+                   label: str = "sync ldap", precondition=None) -> SyncSummary:
     """Replace the live directory by the mailboxes found under ``ldap_base``.
 
     Raises ldap.LdapError (server unreachable, bind refused, search failed: nothing changed),
@@ -64,7 +64,7 @@ def full_ldap_sync(client: redis.Redis, config: Config, progress: TextIO | None 
         summary = full_sync(
             client, _entries(items, duplicates), source=SOURCE, config=config,
             progress=progress, origin=f"{directory.ldap_url} {directory.ldap_base}",
-            label=label, index_mailboxes=True,
+            label=label, index_mailboxes=True, precondition=precondition,
             mark=lambda: {"attribute": mark.attribute, "value": mark.value,
                           "fingerprint": fingerprint(config)})
     finally:

@@ -4,9 +4,13 @@ Each worker runs one ``MoveListener`` (a greenlet; redis-py's sockets are cooper
 gevent's patching).  Messages are read in batches: a full sync that moves ten thousand
 mailboxes publishes ten thousand messages, and the worker scans its sessions once per batch,
 not once per message.  When Redis goes away the listener reconnects with a growing delay and
-never raises: a worker must outlive its Redis.  A message published while a worker was
-disconnected is lost for that worker; its sessions stay on the old back-end until the client
-reconnects (the session's own back-end usually closes them on a move anyway).
+never raises: a worker must outlive its Redis.  Pub/sub keeps nothing for an absent
+subscriber, so after every reconnect (once every channel is confirmed) the listener calls
+``recheck()``: the worker then checks its open sessions' routes against the directory and
+closes those whose mailbox moved meanwhile (subscribed first, checked second: a move is either
+delivered or seen by the check).  A Redis that came back empty is refilled by a full sync
+without a diff (no moves): that sync publishes on ``mailgate:reload``, and the listener calls
+``recheck()`` again.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ MOVED_TEXT = "Mailbox moved, please reconnect"
 KICKED_TEXT = "Session closed by an administrator, please reconnect"
 LISTEN_TIMEOUT = 5.0      # seconds one wait for a message lasts (then the loop looks again)
 MAX_BATCH = 10_000
+CHANNELS = (records.MOVES_CHANNEL, records.KICK_CHANNEL, records.RELOAD_CHANNEL)
 MIN_BACKOFF, MAX_BACKOFF = 0.5, 10.0
 
 
@@ -55,13 +60,15 @@ class MoveListener:
 
     def __init__(self, connect: Callable[[], redis.Redis],
                  close: Callable[[Targets, str], int], sleep: Callable[[float], None] = time.sleep,
-                 recent=None):
+                 recent=None, recheck: Callable[[], None] | None = None):
         self.connect = connect     # a new subscriber client (no read timeout) per attempt
         self.close = close
         self.recent = recent       # a RecentLookups to keep exact, or None
         self.sleep = sleep
+        self.recheck = recheck     # the worker's re-check of its sessions' routes, or None
         self.stopped = False
         self.connected = False     # subscribed right now (tests and health checks)
+        self.subscriptions = 0     # complete subscribes so far (the first is no reconnect)
 
     def stop(self) -> None:
         self.stopped = True
@@ -74,7 +81,7 @@ class MoveListener:
             try:
                 client = self.connect()
                 pubsub = client.pubsub()   # the subscribe confirmations tell when nothing is missed
-                pubsub.subscribe(records.MOVES_CHANNEL, records.KICK_CHANNEL)
+                pubsub.subscribe(*CHANNELS)
                 self.connected = True
                 if backoff > MIN_BACKOFF:
                     log.info("subscribed to moves and kicks again")
@@ -101,9 +108,9 @@ class MoveListener:
             if message is None:
                 continue
             if message.get("type") == "subscribe":
-                confirmations += 1     # both channels confirmed: no message can be missed
-                if confirmations == 2 and self.recent is not None:
-                    self.recent.subscribed(True)
+                confirmations += 1     # every channel confirmed: no message can be missed
+                if confirmations == len(CHANNELS):
+                    self.subscribed()
                 continue
             batch = [message]
             while len(batch) < MAX_BATCH:
@@ -113,14 +120,24 @@ class MoveListener:
                 batch.append(message)
             self.deliver(batch)
 
+    def subscribed(self) -> None:
+        self.subscriptions += 1
+        if self.recent is not None:
+            self.recent.subscribed(True)
+        if self.subscriptions > 1 and self.recheck is not None:
+            self.recheck()          # what was published while we were away is lost
+
     def deliver(self, batch: list[dict]) -> None:
         moves, kicks = Targets(), Targets()
-        changed = False
+        changed = reloaded = False
         for message in batch:
             if message.get("type") != "message":
                 continue
             channel = message["channel"]
             channel = channel.decode() if isinstance(channel, bytes) else channel
+            if channel == records.RELOAD_CHANNEL:
+                reloaded = True
+                continue
             try:
                 login, mailbox_id = records.parse_close_message(message["data"])
             except ValueError as exc:
@@ -133,6 +150,11 @@ class MoveListener:
         if self.recent is not None and (changed or moves):
             # before the sessions close: their clients reconnect and must look up afresh
             self.recent.forget(*((None, None) if changed else (moves.logins, moves.mailbox_ids)))
+        if reloaded:
+            if self.recent is not None:
+                self.recent.forget(None, None)
+            if self.recheck is not None:
+                self.recheck()
         for targets, text in ((moves, MOVED_TEXT), (kicks, KICKED_TEXT)):
             if targets:
                 closed = self.close(targets, text)

@@ -45,6 +45,10 @@ LDAP_MARK_KEY = KEY_PREFIX + "dir:ldap"
 NEGATIVE_KEY_PREFIX = KEY_PREFIX + "dir:neg:"
 MOVES_CHANNEL = KEY_PREFIX + "moves"
 KICK_CHANNEL = KEY_PREFIX + "kick"
+# A full sync into an empty cache (a Redis that came back empty) has no old generation to
+# diff, so it publishes no moves: it says "reloaded" instead and workers re-check their
+# open sessions' routes.
+RELOAD_CHANNEL = KEY_PREFIX + "reload"
 
 MAX_LOGIN_LENGTH = 255
 

@@ -46,6 +46,10 @@ class SyncBusy(SyncError):
     """Another full sync holds the lock."""
 
 
+class SyncNotNeeded(SyncError):
+    """A conditional sync (the master's refill) found, under the lock, nothing to do."""
+
+
 @dataclass
 class SyncSummary:
     """What a full sync did; ``line()`` is the one line the caller prints or logs.
@@ -73,7 +77,8 @@ class SyncSummary:
 def full_sync(redis_client: redis.Redis, entries: Iterable[ExportEntry], *, source: str,
               config: Config, progress: TextIO | None = None, origin: str = "",
               label: str = "sync export", index_mailboxes: bool = False,
-              mark: Callable[[], dict] | None = None) -> SyncSummary:
+              mark: Callable[[], dict] | None = None,
+              precondition: Callable[[redis.Redis], str | None] | None = None) -> SyncSummary:
     """Replace the live directory by ``entries`` and return what changed.
 
     ``entries`` carry normalized login names (as the export readers yield them); each
@@ -88,11 +93,17 @@ def full_sync(redis_client: redis.Redis, entries: Iterable[ExportEntry], *, sour
     ``index_mailboxes``: also write mailbox id → login names (a mailbox's entries come
     together, as LDAP's do) for incremental syncs.  ``mark()``, called once the entries are
     written, gives the LDAP high-water mark stored with the switch (else it is dropped).
+
+    ``precondition(client)``, asked once the lock is held, returns why the sync is needed or
+    None, and then SyncNotNeeded is raised: the master's refill must not undo a sync that
+    ran between its look at the cache and its start.
     """
     started = time.monotonic()
     bar = Progress(progress, label, started)
     summary = SyncSummary(label=label)
     with sync_lock(redis_client) as lock:
+        if precondition is not None and precondition(redis_client) is None:
+            raise SyncNotNeeded(f"{label}: the directory cache is up to date; nothing done")
         old_generation = live_generation(redis_client)
         summary.generation = _new_generation(redis_client, old_generation)
         new_key = records.generation_key(summary.generation)
@@ -112,6 +123,7 @@ def full_sync(redis_client: redis.Redis, entries: Iterable[ExportEntry], *, sour
         _switch(redis_client, summary.generation, old_generation, high_water)
         if old_generation is None:
             summary.added = summary.total
+            redis_client.publish(records.RELOAD_CHANNEL, str(summary.generation))
         else:
             old_key = records.generation_key(old_generation)
             _diff_and_publish(redis_client, old_key, new_key, summary, bar, lock)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import socket
+import tempfile
 import time
 
 import msgpack
@@ -26,12 +27,17 @@ BACKENDS = {
 }
 
 
+RUN_DIR = tempfile.mkdtemp(prefix="mailgate-test-run-")
+
+
 def make_config(url: str, *, default_domain: str = "", timeout: float = 5.0):
     return gateway_config.parse({
         "listen": [{"protocol": "imap", "address": "127.0.0.1:10143"}],
         "redis": {"url": url, "timeout": timeout},
         "backends": BACKENDS,
         "directory": {"source": "export", "default_domain": default_domain},
+        # (syncs remember themselves in run_dir: not in the checkout)
+        "server": {"run_dir": RUN_DIR},
     }, "test.toml")
 
 
@@ -465,7 +471,7 @@ def test_ldif_with_the_active_directory_mapping(db_url, client, write_csv):
                       "netbios_domain": "CORP", "backend_attribute": "msExchHomeServerName",
                       "login_attributes": ["userPrincipalName", "sAMAccountName",
                                            "proxyAddresses"],
-                      "id_attribute": "objectGUID"}}, "test.toml")
+                      "id_attribute": "objectGUID"}, "server": {"run_dir": RUN_DIR}}, "test.toml")
     path = write_csv(
         "dn: CN=Jane Doe,OU=Users,DC=corp,DC=example,DC=com\n"
         "sAMAccountName: jdoe\nuserPrincipalName: jane.doe@corp.example.com\n"

@@ -5,6 +5,7 @@ import io
 import socket
 import subprocess
 import sys
+import tempfile
 
 import ldap3
 import pytest
@@ -20,12 +21,17 @@ from gateway.directory.cli import cmd_lookup, cmd_sync_ldap
 pytestmark = pytest.mark.integration
 
 
+RUN_DIR = tempfile.mkdtemp(prefix="mailgate-test-run-")
+
+
 def make_config(url: str, directory: dict):
     return gateway_config.parse({
         "listen": [{"protocol": "imap", "address": "127.0.0.1:10143"}],
         "redis": {"url": url, "timeout": 5.0},
         "backends": data.BACKENDS,
         "directory": directory,
+        # (syncs remember themselves in run_dir: not in the checkout)
+        "server": {"run_dir": RUN_DIR},
     }, "test.toml")
 
 

@@ -102,15 +102,19 @@ def test_hup_during_a_stream_of_connections_refuses_none(make_gateway):
             except OSError as exc:
                 errors.append(repr(exc))
 
+    # Workers boot slowly on a loaded machine: start once they serve, and count connections
+    # until enough went through, rather than for a fixed time.
+    assert greet(gateway.imap_port).startswith(b"* OK ")
     threads = [threading.Thread(target=hammer) for _ in range(4)]
     for thread in threads:
         thread.start()
     try:
-        time.sleep(0.5)
+        assert wait_until(lambda: len(done) >= 10, timeout=30)
         gateway.signal(signal.SIGHUP)
         renewed = wait_until(lambda: (p := gateway.worker_pids()) and len(p) == 2
                              and not set(p) & set(old) and p)
-        time.sleep(0.5)
+        settled = len(done)
+        wait_until(lambda: len(done) > max(50, settled + 10), timeout=30)
     finally:
         stop.set()
         for thread in threads:
@@ -183,6 +187,26 @@ def test_worker_that_fails_at_boot_stops_the_master(make_gateway):
     assert result.returncode == 3
     assert "failed to boot" in result.stderr
     assert result.stderr.count("worker pid=") < 20   # no respawn loop
+
+
+def test_worker_that_crashes_after_boot_is_replaced(make_gateway, tmp_path, monkeypatch):
+    """An exception out of a serving worker is a crash, not a boot failure: the master
+    replaces that worker and keeps running (it used to stop the whole gateway)."""
+    flag = tmp_path / "crash-once"
+    monkeypatch.setenv("MAILGATE_TEST_CRASH_FILE", str(flag))
+    gateway = make_gateway(workers=2, routes={"alice@example.com": "A"})
+    before = wait_until(lambda: (p := gateway.worker_pids()) and len(p) == 2 and p)
+    flag.write_text("")          # one serving worker crashes
+    assert wait_until(lambda: not flag.exists())
+    assert wait_until(lambda: "crashed after boot" in gateway.log_text())
+    after = wait_until(lambda: (p := gateway.worker_pids()) and len(p) == 2
+                       and set(p) != set(before) and p)
+    assert after, gateway.log_text()[-3000:]
+    assert len(set(before) & set(after)) == 1          # only the crashed one was replaced
+    assert gateway.running
+    assert "replacing it" in gateway.log_text()
+    client = open_session(gateway)
+    client.logout()
 
 
 def test_bind_failure_names_the_address_and_exits_2(make_gateway, tmp_path):

@@ -103,7 +103,7 @@ def test_miss_defaults_by_source():
     ({**LDAP, "ldap_change_attribute": "whenChanged"},
      "gw.toml: directory.ldap_change_attribute: must be one of"),
     ({"login_attributes": []}, "gw.toml: directory.login_attributes: must name"),
-    ({"ldap_page_size": 0}, "gw.toml: directory.ldap_page_size: must be at least 1"),
+    ({"ldap_page_size": 0}, "gw.toml: directory.ldap_page_size: must be between 1 and 100000"),
     ({"ldap_pagesize": 10}, "gw.toml: directory.ldap_pagesize: unknown key"),
 ])
 def test_directory_config_errors(directory, message):
