@@ -248,10 +248,25 @@ RANGES: dict[type, dict[str, Range]] = {
         "heartbeat_timeout": Range(1, 3600, "seconds; workers beat every quarter of it, below "
                                             "1 s a busy worker is killed and replaced in a loop"),
         "auth_failure_delay": Range(0, 60, "seconds; longer holds every client of a typo"),
+        "status_interval": Range(0.1, 3600, "seconds between rewrites of the status file"),
     },
     RedisConfig: {
         "timeout": Range(0.01, 60, "seconds a lookup may wait: logins wait that long "
                                    "when Redis is gone"),
+        "db": Range(0, 65535, "a Redis database index"),
+    },
+    LimitsConfig: {
+        "max_connections_per_address": Range(1, 1_000_000, "logged-in sessions of one client "
+                                                           "address", zero="no limit"),
+        "max_connections_per_login": Range(1, 1_000_000, "logged-in sessions of one login",
+                                           zero="no limit"),
+        "session_ttl": Range(1, 86400, "seconds a session's count lives unless refreshed"),
+        "auth_failures_per_address": Range(1, 1_000_000, "failed logins from one address",
+                                           zero="no limit"),
+        "auth_failures_per_login": Range(1, 1_000_000, "failed logins of one login from one "
+                                                       "address", zero="no limit"),
+        "auth_failure_window": Range(1, 86400, "seconds failures are remembered"),
+        "auth_failure_max_delay": Range(0, 300, "seconds; the growing delay stops there"),
     },
     ProtocolConfig: {
         "preauth_timeout": Range(0.5, 3600, "idle seconds before login"),
@@ -359,8 +374,6 @@ def parse(raw: dict, path: str = "<config>") -> Config:
         raise reader.fail("server.log_level", "must be debug, info, warning or error")
     if server.log_format not in ("text", "json"):
         raise reader.fail("server.log_format", "must be \"text\" or \"json\"")
-    if server.status_interval <= 0:
-        raise reader.fail("server.status_interval", "must be above 0")
     listen = _listeners(reader, raw.get("listen", []))
     tls = _tls(reader, raw.get("tls", {}))
     if any(l.tls != "none" for l in listen) and not (tls.cert_file and tls.key_file):
@@ -408,9 +421,6 @@ def _limits(reader: _Reader, raw: Any) -> LimitsConfig:
             ipaddress.ip_network(network, strict=False)
         except ValueError as exc:
             raise reader.fail(f"limits.trusted_networks[{index}]", str(exc)) from None
-    for key in ("session_ttl", "auth_failure_window"):
-        if getattr(limits, key) < 1:
-            raise reader.fail(f"limits.{key}", "must be at least 1 second")
     return limits
 
 

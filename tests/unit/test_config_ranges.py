@@ -25,6 +25,7 @@ TABLES = {
     gateway_config.BackendConfig: ("backends.A", {"address": "127.0.0.1"}),
     gateway_config.DirectoryConfig: ("directory", {}),
     gateway_config.ReferralConfig: ("referrals", {}),
+    gateway_config.LimitsConfig: ("limits", {}),
 }
 LISTEN = [{"protocol": "imap", "address": "127.0.0.1:1143"}]
 

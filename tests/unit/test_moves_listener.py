@@ -7,7 +7,9 @@ from gateway.directory.moves import MOVED_TEXT, MoveListener
 
 def listener():
     closed, rechecks = [], []
-    moves = MoveListener("redis://unused", 1.0, lambda targets, text: closed.append(
+    def connect():
+        raise AssertionError("deliver() needs no Redis")
+    moves = MoveListener(connect, lambda targets, text: closed.append(
         (sorted(targets.logins), text)) or 0, recheck=lambda: rechecks.append(1))
     return moves, closed, rechecks
 
