@@ -294,6 +294,9 @@ RANGES: dict[type, dict[str, Range]] = {
     },
     ReferralConfig: {
         "max_hops": Range(0, 10, "login referrals followed in a row (0 = none)"),
+        "home_keepalive": Range(0.5, 1800, "seconds; a back-end's autologout comes after 30 "
+                                           "minutes at the earliest (RFC 3501 §5.4), the NOOP "
+                                           "must come sooner"),
         "connect_timeout": _NETWORK_TIMEOUT,
         "login_timeout": _NETWORK_TIMEOUT,
     },
@@ -386,8 +389,6 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     backends = _backends(reader, raw.get("backends", {}))
     directory = _directory(reader, raw.get("directory", {}))
     referrals = reader.table(ReferralConfig, raw.get("referrals", {}), "referrals")
-    if referrals.home_keepalive <= 0:
-        raise reader.fail("referrals.home_keepalive", "must be a positive number of seconds")
     limits = _limits(reader, raw.get("limits", {}))
     return Config(path, server, listen, tls, redis, imap, pop3, backends, directory, referrals,
                   limits)

@@ -280,7 +280,7 @@ def test_check_config_accepts_the_example_and_rejects_typos(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gateway", "check-config", "--config",
                              str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert f"{bad}: referrals.home_keepalive: must be a positive" in result.stderr
+    assert f"{bad}: referrals.home_keepalive: must be between 0.5 and 1800" in result.stderr
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server missing")
