@@ -249,6 +249,14 @@ RANGES: dict[type, dict[str, Range]] = {
                                             "1 s a busy worker is killed and replaced in a loop"),
         "auth_failure_delay": Range(0, 60, "seconds; longer holds every client of a typo"),
         "status_interval": Range(0.1, 3600, "seconds between rewrites of the status file"),
+        "drain_delay": Range(0, 600, "seconds /healthz says 503 before a TERM stops accepting; "
+                                     "longer than a balancer needs only delays the stop"),
+    },
+    TLSConfig: {
+        "session_lifetime": Range(0, 86400, "seconds a TLS session may be resumed (0 = not "
+                                            "at all)"),
+        "handshake_timeout": Range(0.1, 300, "seconds the whole handshake may take; each one "
+                                             "holds a connection slot"),
     },
     RedisConfig: {
         "timeout": Range(0.01, 60, "seconds a lookup may wait: logins wait that long "
@@ -486,8 +494,6 @@ def _tls(reader: _Reader, raw: Any) -> TLSConfig:
     tls = reader.table(TLSConfig, raw, "tls", certificates=tuple(certificates))
     if tls.min_version not in ("1.2", "1.3"):
         raise reader.fail("tls.min_version", "must be \"1.2\" or \"1.3\"")
-    if tls.handshake_timeout <= 0:
-        raise reader.fail("tls.handshake_timeout", "must be above 0")
     if certificates and not tls.cert_file:
         raise reader.fail("tls.cert_file", "[[tls.certificates]] need a default certificate")
     return tls

@@ -26,6 +26,7 @@ TABLES = {
     gateway_config.DirectoryConfig: ("directory", {}),
     gateway_config.ReferralConfig: ("referrals", {}),
     gateway_config.LimitsConfig: ("limits", {}),
+    gateway_config.TLSConfig: ("tls", {}),
 }
 LISTEN = [{"protocol": "imap", "address": "127.0.0.1:1143"}]
 
