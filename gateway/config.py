@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOLS = ("imap", "pop3", "health")
+PROTOCOLS = ("imap", "pop3", "submission", "health")
 TLS_MODES = ("none", "starttls", "implicit")
 
 
@@ -117,11 +117,35 @@ class ProtocolConfig:
 
 
 @dataclass(frozen=True)
+class SubmissionConfig:
+    """[submission]: the SMTP submission front end (RFC 6409)."""
+    banner: str = ""                  # greeting text after the host name
+    hostname: str = ""                # our name in the greeting and EHLO ("" = the host's)
+    preauth_timeout: float = 300.0    # RFC 5321 §4.5.3.2.7: a server waits 5 minutes
+    login_deadline: float = 600.0     # total seconds for the whole dialogue before AUTH
+    idle_timeout: float = 600.0       # after login; RFC 5321 §4.5.3.2.6: 10 min for DATA's end
+    max_message_size: int = 52428800  # EHLO SIZE (RFC 1870); larger messages get 552 5.3.4
+    relay: str = ""                   # "host:port": one submission server for every mailbox
+    relay_xclient_login: bool = False  # the relay takes XCLIENT LOGIN= from us (no AUTH)
+
+    @property
+    def relay_backend(self) -> "BackendConfig | None":
+        """The [submission] relay as a back-end, or None for per-mailbox routing."""
+        if not self.relay:
+            return None
+        host, port = split_address(self.relay)
+        return BackendConfig(name="submission-relay", address=host, submission_port=port,
+                             submission_xclient_login=self.relay_xclient_login)
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     name: str = ""
     address: str = ""
     imap_port: int = 143
     pop3_port: int = 110
+    submission_port: int = 587
+    submission_xclient_login: bool = False   # trusts our XCLIENT LOGIN=: no AUTH replayed
     tls: str = "none"                  # "none" | "starttls" | "implicit"
     tls_ca_file: str = ""              # CA bundle the back-end's certificate is checked against
     tls_verify_name: str = ""          # name its certificate must carry ("" = address)
@@ -129,7 +153,8 @@ class BackendConfig:
     login_timeout: float = 15.0        # login command answered
 
     def port(self, protocol: str) -> int:
-        return self.imap_port if protocol == "imap" else self.pop3_port
+        return {"imap": self.imap_port, "pop3": self.pop3_port,
+                "submission": self.submission_port}[protocol]
 
 
 @dataclass(frozen=True)
@@ -186,6 +211,7 @@ class Config:
     directory: DirectoryConfig
     referrals: ReferralConfig = ReferralConfig()
     limits: LimitsConfig = LimitsConfig()
+    submission: SubmissionConfig = SubmissionConfig()
 
     def backend(self, name: str) -> BackendConfig | None:
         """The [backends.NAME] entry for a directory back-end value (name or address)."""
@@ -285,9 +311,16 @@ RANGES: dict[type, dict[str, Range]] = {
         # below 1 s no login can finish, above an hour it no longer bounds a slowloris
         "login_deadline": Range(*LOGIN_DEADLINE_RANGE, "", unit="seconds"),
     },
+    SubmissionConfig: {
+        "preauth_timeout": Range(0.5, 3600, "idle seconds before AUTH"),
+        "idle_timeout": Range(0.5, 7 * 86400, "idle seconds after AUTH"),
+        "login_deadline": Range(*LOGIN_DEADLINE_RANGE, "", unit="seconds"),
+        "max_message_size": Range(1024, 1 << 40, "bytes; the EHLO SIZE and the 552 bound"),
+    },
     BackendConfig: {
         "imap_port": _PORT,
         "pop3_port": _PORT,
+        "submission_port": _PORT,
         "connect_timeout": _NETWORK_TIMEOUT,
         "login_timeout": _NETWORK_TIMEOUT,
     },
@@ -376,7 +409,7 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     """Validate an already-decoded TOML document."""
     reader = _Reader(path)
     known = {"server", "listen", "tls", "redis", "imap", "pop3", "backends", "directory",
-             "referrals", "limits"}
+             "referrals", "limits", "submission"}
     for key in raw:
         if key not in known:
             raise reader.fail(key, "unknown section")
@@ -398,8 +431,9 @@ def parse(raw: dict, path: str = "<config>") -> Config:
     directory = _directory(reader, raw.get("directory", {}))
     referrals = reader.table(ReferralConfig, raw.get("referrals", {}), "referrals")
     limits = _limits(reader, raw.get("limits", {}))
+    submission = _submission(reader, raw.get("submission", {}))
     return Config(path, server, listen, tls, redis, imap, pop3, backends, directory, referrals,
-                  limits)
+                  limits, submission)
 
 
 def _redis(reader: _Reader, raw: Any) -> RedisConfig:
@@ -432,6 +466,20 @@ def _limits(reader: _Reader, raw: Any) -> LimitsConfig:
             raise reader.fail(f"limits.trusted_networks[{index}]", str(exc)) from None
     return limits
 
+
+def _submission(reader: _Reader, raw: Any) -> SubmissionConfig:
+    """[submission]; its numbers are checked by RANGES."""
+    submission = reader.table(SubmissionConfig, raw, "submission")
+    if submission.relay:
+        try:
+            split_address(submission.relay)
+        except ValueError as exc:
+            raise reader.fail("submission.relay", str(exc)) from None
+    if submission.relay_xclient_login and not submission.relay:
+        raise reader.fail("submission.relay_xclient_login", "needs submission.relay")
+    if any(ch in submission.hostname for ch in " \t\r\n"):
+        raise reader.fail("submission.hostname", "must be one host name")
+    return submission
 
 
 DIRECTORY_MISS = ("read-through", "unknown", "unavailable")

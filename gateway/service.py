@@ -58,7 +58,9 @@ class Service:
         from gateway.pop3.client import Pop3Session
         from gateway.logs import event
         from gateway.metrics import recorder
-        session_class = {"imap": ImapSession, "pop3": Pop3Session}.get(listen.protocol)
+        from gateway.smtp.client import SmtpSession
+        session_class = {"imap": ImapSession, "pop3": Pop3Session,
+                         "submission": SmtpSession}.get(listen.protocol)
         if session_class is None:
             raise ValueError(f"protocol {listen.protocol!r} is not served yet")
 
@@ -125,7 +127,8 @@ class Service:
         """Close relayed sessions idle past their protocol's idle_timeout (the relay has no
         per-read timers: one pass over the sessions every few seconds costs far less)."""
         import gevent
-        timeouts = [self.config.imap.idle_timeout, self.config.pop3.idle_timeout]
+        timeouts = [self.config.imap.idle_timeout, self.config.pop3.idle_timeout,
+                    self.config.submission.idle_timeout]
         interval = min(max(min(timeouts) / 4, 0.25), 10.0)
         while True:
             gevent.sleep(interval)

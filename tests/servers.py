@@ -286,12 +286,15 @@ class Dovecot(_Process):
     def __init__(self, tmpdir, name: str, users: dict[str, str], *, extra_conf: str = "",
                  passdb_extra: dict[str, str] | None = None,
                  userdb_extra: dict[str, str] | None = None,
-                 ssl_files: tuple | None = None):
+                 ssl_files: tuple | None = None,
+                 submission_relay: tuple[str, int] | None = None):
         super().__init__(tmpdir)
         self.name = name
         self.ssl_files = ssl_files      # (cert, key): ssl = yes, STARTTLS and imaps/pop3s
         self.imaps_port = 0
         self.pop3s_port = 0
+        # Dovecot's submission service relays to this MTA (host, port); None: no submission.
+        self.submission_relay = submission_relay
         self.users = dict(users)
         self.extra_conf = extra_conf
         self.passdb_extra = dict(passdb_extra or {})
@@ -304,6 +307,7 @@ class Dovecot(_Process):
         self.host = LOOPBACK
         self.imap_port = 0
         self.pop3_port = 0
+        self.submission_port = 0
         self.root: Path | None = None
         self._seq = itertools.count()
         if os.geteuid() == 0:
@@ -351,7 +355,7 @@ instance_name = mailgate-test-{self.name}
 log_path = {root}/dovecot.log
 info_log_path = {root}/dovecot.info.log
 debug_log_path = {root}/dovecot.info.log
-protocols = imap pop3
+protocols = imap pop3{" submission" if self.submission_relay else ""}
 listen = {self.host}
 {self._ssl_config()}
 disable_plaintext_auth = no
@@ -401,7 +405,7 @@ service pop3-login {{
     port = {self.pop3s_port}
   }}
 }}
-service anvil {{
+{self._submission_config(no_chroot)}service anvil {{
 {no_chroot}  unix_listener anvil-auth-penalty {{
     mode = 0
   }}
@@ -418,6 +422,25 @@ service anvil {{
             shutil.copy(source, folder / target)
         return (f"ssl = yes\nssl_cert = <{folder / 'cert.pem'}\n"
                 f"ssl_key = <{folder / 'key.pem'}\nssl_min_protocol = TLSv1.2")
+
+    def _submission_config(self, no_chroot: str) -> str:
+        """Dovecot's submission service (RFC 6409) relaying to ``submission_relay``; it
+        trusts the relay (XCLIENT with the client's address goes on to the MTA)."""
+        if not self.submission_relay:
+            return ""
+        host, port = self.submission_relay
+        return f"""\
+hostname = {self.name.lower()}.mailgate.test
+submission_relay_host = {host}
+submission_relay_port = {port}
+submission_relay_trusted = yes
+service submission-login {{
+{no_chroot}  inet_listener submission {{
+    address = {self.host}
+    port = {self.submission_port}
+  }}
+}}
+"""
 
     def _make_dir(self, path: Path) -> None:
         """mkdir -p, with every created folder owned by the mail user."""
@@ -446,6 +469,8 @@ service anvil {{
         if self.ssl_files:
             self.imaps_port = self.imaps_port or free_port()
             self.pop3s_port = self.pop3s_port or free_port()
+        if self.submission_relay:
+            self.submission_port = self.submission_port or free_port()
         (self.root / "users").write_text(self._passwd_file())
         (self.root / "users").chmod(0o644)   # read by the auth process (default_internal_user)
         (self.root / "mail").mkdir(mode=0o755)
@@ -455,7 +480,8 @@ service anvil {{
         self.config_path.write_text(self._config())
         self._spawn([binary, "-F", "-c", str(self.config_path)], self.root / "dovecot.stderr")
         ports = (self.imap_port, self.pop3_port) + \
-            ((self.imaps_port, self.pop3s_port) if self.ssl_files else ())
+            ((self.imaps_port, self.pop3s_port) if self.ssl_files else ()) + \
+            ((self.submission_port,) if self.submission_relay else ())
         self._await_ports(ports, f"dovecot {self.name}", self.log_text)
         return self
 
@@ -602,6 +628,10 @@ class GatewayProcess(_Process):
     @property
     def pop3_port(self) -> int | None:
         return self.ports.get("pop3")
+
+    @property
+    def submission_port(self) -> int | None:
+        return self.ports.get("submission")
 
     def write_config(self) -> Path:
         """Write the TOML config (new free ports each time) and return its path."""
