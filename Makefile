@@ -4,11 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= deploy/gateway.example.toml
 # Debian packages the test suite starts as real servers.
-TEST_PACKAGES := redis-server redis-sentinel dovecot-imapd dovecot-pop3d slapd ldap-utils haproxy nginx-light libnginx-mod-mail
+TEST_PACKAGES := redis-server redis-sentinel dovecot-imapd dovecot-pop3d dovecot-submissiond postfix slapd ldap-utils haproxy nginx-light libnginx-mod-mail
 # What `make bench` needs besides them: strace counts the system calls per session.
 BENCH_PACKAGES := strace
 
-.PHONY: run test test-soak venv deps bench check-config clean demo
+.PHONY: run test test-soak venv deps bench bench-smtp check-config clean demo
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: venv
 	$(PY) -m bench
 	$(PY) -m bench.metrics_cost
 	$(PY) -m bench.tls
+
+# Submission messages/s through the gateway and direct (needs root: a private Postfix).
+bench-smtp: venv
+	$(PY) -m bench.smtp
 
 check-config: venv
 	$(PY) -m gateway check-config --config $(CONFIG)
