@@ -16,6 +16,7 @@ import servers
 from clients import LineClient, unique_message
 from conftest import USERS_A, USERS_B, require_binary
 from mta import Postfix
+from ops_helpers import scrape, scrape_text, total, wait_until
 
 PASSWORDS = {**USERS_A, **USERS_B}
 AUTH_FAILED = b"535 5.7.8 Authentication credentials invalid"
@@ -74,9 +75,9 @@ def backend_table(dovecot) -> dict:
 def start_gateway(tmp_path_factory, redis_server, mail_system, **kwargs):
     dovecot_a, dovecot_b, _ = mail_system
     kwargs.setdefault("backends", {"A": backend_table(dovecot_a), "B": backend_table(dovecot_b)})
+    kwargs.setdefault("protocols", ("imap", "submission"))
     gateway = servers.GatewayProcess(tmp_path_factory.mktemp("smtp-gateway"),
-                                     redis_url=redis_server.allocate_db(),
-                                     protocols=("imap", "submission"), **kwargs)
+                                     redis_url=redis_server.allocate_db(), **kwargs)
     try:
         gateway.start()
         gateway.route({**{u: "A" for u in USERS_A}, **{u: "B" for u in USERS_B}})
@@ -88,7 +89,8 @@ def start_gateway(tmp_path_factory, redis_server, mail_system, **kwargs):
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, redis_server, mail_system):
-    gw = start_gateway(tmp_path_factory, redis_server, mail_system)
+    gw = start_gateway(tmp_path_factory, redis_server, mail_system,
+                       protocols=("imap", "submission", "health"))
     try:
         yield gw
     finally:
@@ -223,7 +225,7 @@ def test_smtplib_sends_a_message_that_arrives_in_the_inbox(gateway, mail_system)
     message = wait_for_message(gateway, "alice@example.com", marker)
     assert body_of(message) == b"hello\r\n"
     lines = session_lines(gateway, lambda found: any("127.0.0.2" in l for l in found))
-    (line,) = [l for l in lines if "client=127.0.0.2:" in l]
+    (line,) = [l for l in lines if "client=127.0.0.2 " in l]
     assert "login=bob@example.com backend=B" in line and "end=quit" in line
     session = line.split("session=")[1].split()[0]
     dovecot_b = mail_system[1]
@@ -306,10 +308,9 @@ def test_message_over_the_size_limit_is_refused_with_552(small_gateway):
             client.sendmail("alice@example.com", ["bob@example.com"],
                             unique_message(marker, 8000))
         assert content.value.smtp_code == 552 and content.value.smtp_error.startswith(b"5.3.4")
-    lines = session_lines(small_gateway,
-                          lambda found: sum("too\\x20big" in l for l in found) >= 2)
-    assert any("end=gateway\\x20message\\x20too\\x20big" in l for l in lines), lines
-    assert any("end=gateway\\x20declared\\x20size\\x20too\\x20big" in l for l in lines)
+    lines = session_lines(small_gateway, lambda found: sum("too big" in l for l in found) >= 2)
+    assert any('end="gateway message too big"' in l for l in lines), lines
+    assert any('end="gateway declared size too big"' in l for l in lines)
 
 
 def test_backend_down_is_a_temporary_failure(small_gateway):
@@ -409,3 +410,21 @@ def test_kick_closes_a_logged_in_submission_session(gateway):
     assert kick.returncode == 0, kick.stderr
     assert raw.line().startswith(b"421 4.3.0 ")
     assert raw.closed()
+
+
+def test_submission_logins_are_in_the_metrics(gateway):
+    before = scrape(gateway)
+    with smtp(gateway) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("carol@example.com", "wrong")
+        client.login("carol@example.com", "carol-secret")
+        client.noop()
+
+    def grew(name, **labels):
+        return total(scrape(gateway), name, **labels) - total(before, name, **labels)
+
+    assert wait_until(lambda: grew("mailgate_logins_total", protocol="submission",
+                                   result="ok") == 1), scrape_text(gateway)
+    # smtplib's login() tries PLAIN, then LOGIN: two failed logins.
+    assert grew("mailgate_logins_total", protocol="submission", result="auth-failed") == 2
+    assert grew("mailgate_connections_total", protocol="submission") >= 1
