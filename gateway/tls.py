@@ -30,6 +30,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import logging
+import socket
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -325,14 +326,43 @@ def _read_line(sock, buffer: bytearray) -> bytes:
     return line
 
 
+MAX_EHLO_LINES = 100
+
+
+def _smtp_starttls(sock, buffer: bytearray, greeting: bytes) -> tuple[bool, bytes, bytes]:
+    """SMTP's STARTTLS (RFC 3207 §4): EHLO first, then STARTTLS; (accepted, its answer, the
+    whole greeting).  The submission login says EHLO again over TLS, after the pushed-back
+    greeting."""
+    if not greeting.startswith(b"220"):
+        raise TlsHandshakeError(f"greeting {greeting[:80]!r} instead of 220")
+    lines = [greeting]
+    while lines[-1][3:4] == b"-" and len(lines) < MAX_EHLO_LINES:   # RFC 5321 §4.2
+        lines.append(_read_line(sock, buffer))
+    name = socket.gethostname().encode("ascii", "replace") or b"mailgate"
+    sock.sendall(b"EHLO " + name + b"\r\n")
+    for _ in range(MAX_EHLO_LINES):
+        line = _read_line(sock, buffer)
+        if not line.startswith(b"250"):
+            raise TlsHandshakeError(f"EHLO answered {line[:80]!r}")
+        if line[3:4] != b"-":
+            break
+    else:
+        raise TlsHandshakeError("EHLO answer of too many lines")
+    sock.sendall(b"STARTTLS\r\n")
+    answer = _read_line(sock, buffer)
+    return answer.startswith(b"220"), answer, b"".join(lines)
+
+
 def starttls_client(sock, backend, protocol: str, timeout: float) -> "TlsConnection":
-    """STARTTLS (IMAP, RFC 3501 §6.2.1) or STLS (POP3, RFC 2595 §4) on a fresh back-end
-    connection, then ``wrap_client``.  The greeting read here is pushed back into the
+    """STARTTLS (IMAP, RFC 3501 §6.2.1; SMTP, RFC 3207) or STLS (POP3, RFC 2595 §4) on a
+    fresh back-end connection, then ``wrap_client``.  The greeting read here is pushed back into the
     connection (less any IMAP CAPABILITY code: capabilities must be asked again over TLS),
     so the back-end login reads it as if nothing had happened.  Raises TlsHandshakeError."""
     buffer = bytearray()
     greeting = _read_line(sock, buffer)
-    if protocol == "imap":
+    if protocol == "submission":
+        ok, answer, replay = _smtp_starttls(sock, buffer, greeting)
+    elif protocol == "imap":
         if not greeting.startswith(b"* OK"):
             raise TlsHandshakeError(f"greeting {greeting[:80]!r} instead of * OK")
         sock.sendall(b"MGTLS STARTTLS\r\n")

@@ -40,12 +40,15 @@ class SmtpSession(session_mod.Session):
         super().__init__(service, client, address, listen)
         self.settings = service.config.submission
         self.hostname = self.settings.hostname or socket.gethostname()
-        self.reader = StreamReader(client, LineFramer(MAX_AUTH_LINE), recv_size=4096,
-                                   on_bytes=self.count_in)
+        self.reader = self.new_reader(client)
         self.greeted = False
-        self.tls_active = False        # set by the STARTTLS hook once TLS is up
         self.bad_commands = 0
         self.transactions: Transactions | None = None
+
+    def new_reader(self, client) -> StreamReader:
+        """The pre-AUTH reader (again after STARTTLS: nothing read before survives)."""
+        return StreamReader(client, LineFramer(MAX_AUTH_LINE), recv_size=4096,
+                            on_bytes=self.count_in)
 
     def greeting(self) -> bytes:
         text = self.settings.banner or "ESMTP mailgate ready"
@@ -110,15 +113,11 @@ class SmtpSession(session_mod.Session):
         """Our EHLO keywords: nothing of the back-end, which is not chosen yet."""
         names = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES",
                  f"SIZE {self.settings.max_message_size}"]
-        if self.listen.tls == "starttls" and not self.tls_active:
+        if self.can_start_tls:
             names.append("STARTTLS")
-        if self.auth_allowed():
+        if self.login_allowed:     # RFC 4954 §4: no mechanisms where AUTH would be refused
             names.append("AUTH PLAIN LOGIN")
         return names + ["SMTPUTF8"]
-
-    def auth_allowed(self) -> bool:
-        """RFC 6409 §4.3 / RFC 8314: on a STARTTLS port, credentials only after STARTTLS."""
-        return self.listen.tls != "starttls" or self.tls_active
 
     def cmd_EHLO(self, argument: str) -> None:
         if not argument:
@@ -151,18 +150,23 @@ class SmtpSession(session_mod.Session):
         self.closing = True
 
     def cmd_STARTTLS(self, argument: str) -> None:
-        if self.listen.tls != "starttls" or self.tls_active:
+        if self.tls:
+            self.reject(b"503 5.5.1 TLS already active\r\n")
+            return
+        if not self.can_start_tls:
             self.reject(b"502 5.5.1 STARTTLS not available\r\n")
             return
+        if argument:
+            self.reject(b"501 5.5.4 STARTTLS takes no parameters\r\n")
+            return
+        self.send(b"220 2.0.0 Ready to start TLS\r\n")
+        # RFC 3207 §4.2: plaintext pipelined behind STARTTLS is dropped unread (a new
+        # reader), and the client must say EHLO again.
         self.start_tls()
-
-    def start_tls(self) -> None:
-        """RFC 3207: the TLS issue wraps the client socket here, drops the reader's buffered
-        plaintext, and forgets the EHLO (``greeted = False``)."""
-        self.send(b"454 4.7.0 TLS not available due to temporary reason\r\n")
+        self.greeted = False
 
     def cmd_AUTH(self, argument: str) -> None:
-        if not self.auth_allowed():
+        if not self.login_allowed:
             self.reject(TLS_REQUIRED)
             return
         if not self.greeted:

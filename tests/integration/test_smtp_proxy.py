@@ -286,7 +286,7 @@ def small_gateway(tmp_path_factory, redis_server, mail_system):
         sections={"submission": {"max_message_size": 4096, "preauth_timeout": 3},
                   "tls": {"cert_file": str(cert), "key_file": str(key)}},
         extra_toml=f'[[listen]]\nprotocol = "submission"\naddress = "127.0.0.1:{starttls_port}"\n'
-                   f'tls = "starttls"\n')
+                   f'tls = "starttls"\nrequire_tls_for_login = true\n')
     gw.starttls_port = starttls_port
     try:
         yield gw
