@@ -27,6 +27,7 @@ TABLES = {
     gateway_config.ReferralConfig: ("referrals", {}),
     gateway_config.LimitsConfig: ("limits", {}),
     gateway_config.TLSConfig: ("tls", {}),
+    gateway_config.SubmissionConfig: ("submission", {}),
 }
 LISTEN = [{"protocol": "imap", "address": "127.0.0.1:1143"}]
 
