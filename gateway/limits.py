@@ -24,12 +24,22 @@ attacker's failures never lock the real user out from another address.  A succes
 clears its login's count (only when there was one: the common path stays at one round
 trip); the address count only decays, so an attacker cannot reset it with an account of
 their own.
+
+Without connection limits (only throttling, the default) a login from an address with no
+recorded failures needs no round trip at all: each failure is published on the moves channel
+and every worker of every host marks its address for ``auth_failure_window``
+(``FailedAddresses``); only marked addresses are checked in Redis, and the lookup of the
+others may come from the worker's recent answers.  Until a worker's subscription is up (and
+has read the failures already recorded) it checks every address.  The price: failures on
+other hosts are seen after the pub/sub latency, so a burst spread over hosts can pass the
+limit by the attempts made in that time.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import socket
+import time
 
 import redis
 
@@ -39,6 +49,7 @@ log = logging.getLogger("mailgate.limits")
 
 PREFIX = records.KEY_PREFIX + "lim:"
 OK, THROTTLED, OVER_ADDRESS, OVER_LOGIN = "ok", "throttled", "per-address", "per-login"
+FAILED_SIZE = 100_000     # addresses a worker keeps marked; past that it checks every address
 
 # KEYS[1] = directory pointer key.  ARGV: 1 generation key prefix, 2 normalized login,
 # 3 negative-answer prefix (as LOOKUP_SCRIPT), 4 limits key prefix, 5 client address,
@@ -96,6 +107,56 @@ return {generation, record, negative, status, fail_address, fail_pair}
 """
 
 
+class FailedAddresses:
+    """The client addresses with recent failed logins, as far as this worker has heard (its
+    own and those published by every worker of every host); the others are ``clean``.
+
+    Nothing is clean while the moves subscription is down (``watching`` False): a message
+    could be missed.  A mark lasts ``window`` seconds after the last failure heard, like the
+    failure counts in Redis.  Too many marks (an attack from many addresses) are all dropped
+    and every address is checked for one window, which bounds the memory."""
+
+    def __init__(self, window: float, size: int = FAILED_SIZE, clock=time.monotonic):
+        self.window = window
+        self.size = size
+        self.clock = clock
+        self.marks: dict[str, float] = {}
+        self.watching = False
+        self.blind_until = 0.0
+
+    def clean(self, address: str) -> bool:
+        """Whether no failure from ``address`` is known to be counted now."""
+        if not self.watching:
+            return False
+        marks = self.marks
+        if marks:
+            expiry = marks.get(address)
+            if expiry is not None:
+                if expiry > self.clock():
+                    return False
+                del marks[address]
+        return not self.blind_until or self.blind_until <= self.clock()
+
+    def mark(self, address: str) -> None:
+        """A failed login from ``address`` was counted (here or elsewhere)."""
+        if len(self.marks) >= self.size and address not in self.marks:
+            self.marks.clear()
+            self.blind_until = self.clock() + self.window
+        self.marks[address] = self.clock() + self.window
+
+    def watch(self, addresses) -> None:
+        """The subscription is up and ``addresses`` have failures counted in Redis now."""
+        self.marks.clear()
+        for address in addresses:
+            self.mark(address)
+        self.watching = True
+
+    def unwatch(self) -> None:
+        """The subscription is down: every address is checked."""
+        self.watching = False
+        self.marks.clear()
+
+
 class Limits:
     """One worker's view of the shared limits (``config.limits``); Redis errors in the
     bookkeeping after admission are logged, never raised into a session."""
@@ -122,6 +183,27 @@ class Limits:
         self.trusted_args = self.untrusted_args[:3] + ["0"] + self.untrusted_args[4:]
         self.pending: list[Admission] = []     # ended sessions whose counts are to go
         self.wake = lambda: None               # the worker sets this to wake its releaser
+        self.failed = FailedAddresses(self.settings.auth_failure_window)
+
+    def round_trip(self, admission: "Admission") -> bool:
+        """Whether this login must be checked in Redis: always when sessions are counted,
+        else only for an untrusted address with failures heard of (or while deaf to them)."""
+        return self.counting or not (admission.trusted or self.failed.clean(admission.address))
+
+    def subscribed(self, connected: bool) -> None:
+        """The moves subscription is up or down.  Up: read the addresses whose failures
+        Redis counts now (a SCAN of their hashes), then trust the others.  Raises the
+        Redis error when that read fails (the listener subscribes again)."""
+        if not connected:
+            self.failed.unwatch()
+            return
+        self.failed.unwatch()
+        if not self.throttling:
+            self.failed.watch(())
+            return
+        start = len(PREFIX) + len("fail:")
+        self.failed.watch([key[start:].decode(errors="replace") for key in
+                           self.redis.scan_iter(match=f"{PREFIX}fail:*", count=1000)])
 
     def admission(self, address: str, session_id: str) -> "Admission":
         return Admission(self, address, f"{self.host}:{session_id}", self.is_trusted(address))
@@ -233,6 +315,9 @@ class Admission:
             pipe.hincrby(key, "", 1)
             pipe.hincrby(key, self.login, 1)
             pipe.expire(key, int(self.limits.settings.auth_failure_window))
+            # After the count: whoever hears of it checks the address and finds it counted.
+            pipe.publish(records.MOVES_CHANNEL, records.failed_message(self.address))
+            self.limits.failed.mark(self.address)
         try:
             answers = pipe.execute() if len(pipe) else []
         except (redis.RedisError, OSError) as exc:
@@ -240,7 +325,7 @@ class Admission:
             return self.limits.base_delay if auth_failed else 0.0
         if not count_it:
             return self.limits.base_delay if auth_failed else 0.0
-        self.fail_address, self.fail_pair = int(answers[-3]), int(answers[-2])
+        self.fail_address, self.fail_pair = int(answers[-4]), int(answers[-3])
         return self.limits.delay(self.fail_address, self.fail_pair)
 
     def succeeded(self) -> None:

@@ -27,9 +27,10 @@ class Service:
         from gateway import limits
         # No limit configured: logins use the directory's plain lookup script.
         self.limits = limits.Limits(self.redis, config) if limits.enabled(config) else None
-        if self.limits is None:
-            # Recent answers are reused only without limits: those are counted in Redis,
-            # in the lookup's round trip.
+        if self.limits is None or not self.limits.counting:
+            # Recent answers are reused unless sessions are counted: those counts are kept
+            # in Redis, in the lookup's round trip (throttling alone checks only addresses
+            # with failures: limits.FailedAddresses).
             self.directory.recent = cache.RecentLookups()
         from gateway.imap.referrals import ReferralPolicy
         self.referral_policy = ReferralPolicy(config)
@@ -173,7 +174,7 @@ class Service:
         def subscriber():
             return connect(self.config, self.redis_url, subscriber=True)
         listener = MoveListener(subscriber, self.close_sessions, sleep=gevent.sleep,
-                                recent=self.directory.recent,
+                                recent=self.directory.recent, limits=self.limits,
                                 recheck=self.close_moved_sessions)
         gevent.spawn(listener.run)
         return listener

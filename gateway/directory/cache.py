@@ -183,13 +183,17 @@ class Directory:
 
         ``admission`` (gateway.limits.Admission) runs the lookup inside its own script, in
         the same round trip; when it refuses the login (``status`` not "ok") this returns
-        None without asking anyone else.  Without one, a recent answer (``recent``) is
-        reused with no round trip at all; with one, Redis is asked every time (the limits
-        are counted there).
+        None without asking anyone else.  Without one, or when the limits need not see this
+        login (``Limits.round_trip``: no counting, an address without failures), a recent
+        answer (``recent``) is reused with no round trip at all.
         """
         recent = self.recent
-        if recent is None or admission is not None:
-            return self._lookup_redis(normalized, admission)
+        if admission is not None:
+            admission.login = normalized
+            if admission.limits.round_trip(admission):
+                return self._lookup_redis(normalized, admission)
+        if recent is None:
+            return self._lookup_redis(normalized, None)
         record = recent.get(normalized)
         if record is None:
             epoch = recent.epoch

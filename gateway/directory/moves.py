@@ -60,10 +60,12 @@ class MoveListener:
 
     def __init__(self, connect: Callable[[], redis.Redis],
                  close: Callable[[Targets, str], int], sleep: Callable[[float], None] = time.sleep,
-                 recent=None, recheck: Callable[[], None] | None = None):
+                 recent=None, limits=None,
+                 recheck: Callable[[], None] | None = None):
         self.connect = connect     # a new subscriber client (no read timeout) per attempt
         self.close = close
         self.recent = recent       # a RecentLookups to keep exact, or None
+        self.limits = limits       # a gateway.limits.Limits to tell of failed logins, or None
         self.sleep = sleep
         self.recheck = recheck     # the worker's re-check of its sessions' routes, or None
         self.stopped = False
@@ -96,6 +98,8 @@ class MoveListener:
                 self.connected = False
                 if self.recent is not None:
                     self.recent.subscribed(False)
+                if self.limits is not None:
+                    self.limits.subscribed(False)
                 _close_quietly(pubsub, client)
             if not self.stopped:
                 self.sleep(backoff)
@@ -124,6 +128,8 @@ class MoveListener:
         self.subscriptions += 1
         if self.recent is not None:
             self.recent.subscribed(True)
+        if self.limits is not None:
+            self.limits.subscribed(True)   # reads the failures counted meanwhile
         if self.subscriptions > 1 and self.recheck is not None:
             self.recheck()          # what was published while we were away is lost
 
@@ -141,7 +147,11 @@ class MoveListener:
             try:
                 login, mailbox_id = records.parse_close_message(message["data"])
             except ValueError as exc:
-                if records.is_changed_message(message["data"]):
+                failed = records.parse_failed_message(message["data"])
+                if failed is not None:
+                    if self.limits is not None:
+                        self.limits.failed.mark(failed)
+                elif records.is_changed_message(message["data"]):
                     changed = True
                 else:
                     log.warning("ignored a message on %s: %s", channel, exc)

@@ -176,6 +176,21 @@ def changed_message(generation: int) -> bytes:
     return msgpack.packb({"changed": generation})
 
 
+def failed_message(address: str) -> bytes:
+    """The payload published on MOVES_CHANNEL when a login from ``address`` failed: every
+    worker checks that address's failures in Redis for a while (gateway.limits.FailedAddresses)."""
+    return msgpack.packb({"failed": address})
+
+
+def parse_failed_message(data: bytes) -> str | None:
+    """The client address of a ``failed_message`` payload, or None for any other payload."""
+    try:
+        address = _unpack_map(data, "message").get("failed")
+    except ValueError:
+        return None
+    return address if isinstance(address, str) and address else None
+
+
 def is_changed_message(data: bytes) -> bool:
     try:
         return "changed" in _unpack_map(data, "message")

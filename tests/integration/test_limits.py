@@ -152,40 +152,52 @@ def test_counts_of_a_killed_gateway_expire(two_gateways):
     later.logout()
 
 
-def test_a_successful_login_is_one_redis_command(make_gateway, tmp_path):
-    """Throttle check and lookup together: one EVALSHA per login and nothing else, as
-    Redis's MONITOR sees it (commands the script runs inside are shown as "lua")."""
-    import threading
-
+def test_redis_commands_of_successful_logins(make_gateway, tmp_path):
+    """As Redis's MONITOR sees it (commands a script runs inside are shown as "lua"): from
+    an address without failed logins, a login whose route the worker has seen is no command
+    at all; from an address with failures, throttle check and lookup are one EVALSHA."""
     import servers
     redis = servers.RedisServer(tmp_path / "redis").start()
     try:
         gateway = make_gateway(redis_url=redis.url, workers=1, routes={ALICE: "A"})
-        for _ in range(2):          # warm-up: connection set-up, script loading
+        with redis.client() as client:   # the worker hears of failures from here on
+            assert wait_until(lambda: client.pubsub_numsub("mailgate:moves")[0][1] >= 1)
+        for _ in range(2):          # warm-up: connection set-up, script loading, the route
             try_login(gateway, ALICE, ALICE_PW)[0].logout()
-        seen, ready, stop = [], threading.Event(), threading.Event()
-
-        def watch():
-            with redis.client() as client, client.monitor() as monitor:
-                ready.set()
-                for command in monitor.listen():
-                    if stop.is_set():       # the logins are done; wait for the marker
-                        if "mailgate:stop" in command["command"]:
-                            return
-                        continue
-                    if command.get("client_type") != "lua":
-                        seen.append(command["command"])
-        thread = threading.Thread(target=watch)
-        thread.start()
-        assert ready.wait(10)
-        time.sleep(0.2)             # MONITOR is registered once the server answered OK
-        for _ in range(5):
-            try_login(gateway, ALICE, ALICE_PW)[0].logout()
-        stop.set()
-        with redis.client() as client:
-            client.get("mailgate:stop")
-        thread.join(10)
-        commands = [c.split()[0].upper() for c in seen]
-        assert commands == ["EVALSHA"] * 5, seen
+        commands = monitored_logins(redis, gateway, 5)
+        assert set(commands) <= {"EVALSHA"} and len(commands) <= 1, commands
+        assert "AUTHENTICATIONFAILED" in try_login(gateway, ALICE, "wrong")[1]
+        # The first success loads the script and clears the pair's count (HDEL); the
+        # address's count stays, so the address is checked from then on.
+        try_login(gateway, ALICE, ALICE_PW)[0].logout()
+        assert monitored_logins(redis, gateway, 3) == ["EVALSHA"] * 3
     finally:
         redis.stop()
+
+
+def monitored_logins(redis, gateway, count: int) -> list[str]:
+    """The commands (first words) Redis received from clients during ``count`` logins."""
+    import threading
+    seen, ready, stop = [], threading.Event(), threading.Event()
+
+    def watch():
+        with redis.client() as client, client.monitor() as monitor:
+            ready.set()
+            for command in monitor.listen():
+                if stop.is_set():       # the logins are done; wait for the marker
+                    if "mailgate:stop" in command["command"]:
+                        return
+                    continue
+                if command.get("client_type") != "lua":
+                    seen.append(command["command"])
+    thread = threading.Thread(target=watch)
+    thread.start()
+    assert ready.wait(10)
+    time.sleep(0.2)             # MONITOR is registered once the server answered OK
+    for _ in range(count):
+        try_login(gateway, ALICE, ALICE_PW)[0].logout()
+    stop.set()
+    with redis.client() as client:
+        client.get("mailgate:stop")
+    thread.join(10)
+    return [c.split()[0].upper() for c in seen]
