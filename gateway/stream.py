@@ -50,6 +50,14 @@ def _yield_to_hub() -> None:
     gevent.sleep(0)
 
 
+def _await_readable(sock, timeout: float | None) -> None:
+    """Wait until a plain gevent socket is readable, on its own read watcher (no new one);
+    any other socket (TLS: bytes may wait decrypted inside OpenSSL) is left to ``recv``."""
+    from gevent import socket as gsocket   # (here: the master never imports gevent)
+    if type(sock) is gsocket.socket:
+        gsocket.wait(sock._read_event, timeout, socket.timeout("timed out"))
+
+
 class StreamReader:
     """Events from ``sock`` through ``framer``; see the module docstring for the bounds.
 
@@ -69,6 +77,9 @@ class StreamReader:
         self.raw = b""          # received, not yet framed
         self.raw_pos = 0
         self.paced_at = time.monotonic()
+        # Something was just sent that the peer must answer: wait for readability before
+        # the first recv (else that recv would mostly come back empty, EAGAIN: a wasted call).
+        self.answer_due = False
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -108,6 +119,9 @@ class StreamReader:
             timeout = left if timeout is None else min(timeout, left)
         try:
             self.sock.settimeout(timeout)
+            if self.answer_due:
+                self.answer_due = False
+                _await_readable(self.sock, timeout)
             data = self.sock.recv(self.recv_size)
         except socket.timeout:
             if self.deadline is not None and time.monotonic() >= self.deadline - 0.001:
@@ -120,6 +134,9 @@ class StreamReader:
         if self.on_bytes is not None:
             self.on_bytes(len(data))
         self.raw, self.raw_pos = data, 0
+        # Whole lines came: the peer has most likely said all it had for now (a back-end's
+        # untagged ID answer, its tagged LOGIN answer still being worked out).
+        self.answer_due = data[-1:] == b"\n"
 
     def _pace(self) -> None:
         now = time.monotonic()

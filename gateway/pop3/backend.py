@@ -18,6 +18,7 @@ class BackendConnection:
         self.target = target
         self.name = target.config.name
         self.reader = StreamReader(sock, LineFramer(MAX_LINE))
+        self.reader.answer_due = True       # the greeting comes after the connect
         self.capabilities: set[str] = set()
 
     def fail(self, failure: Failure, detail: str) -> LoginError:
@@ -38,6 +39,7 @@ class BackendConnection:
             self.sock.sendall(line)
         except OSError as exc:
             raise self.fail(Failure.UNAVAILABLE, f"write error: {exc.strerror or exc}") from None
+        self.reader.answer_due = True
 
     def close(self) -> None:
         try:
