@@ -7,7 +7,10 @@ its pre-auth dialogue, its back-end login and its answers behind the same few me
 from __future__ import annotations
 
 import enum
+import errno
+import ipaddress
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -112,9 +115,8 @@ def connect(backend_config: BackendConfig, protocol: str) -> socket.socket:
         else:
             # An address literal needs no resolver (gevent's would take a thread-pool trip).
             sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.settimeout(backend_config.connect_timeout)
             try:
-                sock.connect(address)
+                _connect(sock, address, backend_config.connect_timeout)
             except OSError:
                 sock.close()
                 raise
@@ -128,6 +130,26 @@ def connect(backend_config: BackendConfig, protocol: str) -> socket.socket:
     if backend_config.tls != "none":
         return _secure(sock, backend_config, protocol)
     return sock
+
+
+def _connect(sock, address, timeout: float) -> None:
+    """``sock.connect(address)`` in at most ``timeout`` seconds with one connect(2), one wait
+    and one SO_ERROR read (gevent's connect asks SO_ERROR first and connects a second time
+    after the wait: two calls more per login).  ``sock`` keeps ``timeout`` afterwards."""
+    watcher = getattr(sock, "_write_event", None)     # a gevent socket's own watcher
+    if watcher is None:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        return
+    sock.settimeout(0.0)
+    error = sock.connect_ex(address)
+    if error in (errno.EINPROGRESS, errno.EAGAIN):
+        from gevent.socket import wait
+        wait(watcher, timeout, socket.timeout("timed out"))
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+    sock.settimeout(timeout)
 
 
 def _secure(sock, backend: BackendConfig, protocol: str):
@@ -155,6 +177,27 @@ def _numeric_family(host: str) -> int | None:
         except OSError:
             continue
     return None
+
+
+_listen_local: dict[str, tuple[str, int] | None] = {}
+
+
+def local_address(listen, sock) -> tuple[str, int]:
+    """The (address, port) a client connected to: the listener's own when it is bound to
+    one IP address (no getsockname per session), else the socket's."""
+    known = _listen_local.get(listen.address, False)
+    if known is False:
+        host, port = listen.host_port
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:       # a host name: whatever it resolved to, ask the socket
+            ip = None
+        known = (str(ip), port) if ip is not None and not ip.is_unspecified else None
+        _listen_local[listen.address] = known
+    if known is not None:
+        return known
+    local = sock.getsockname()
+    return local[0], local[1]
 
 
 class Session:
@@ -435,6 +478,8 @@ class Session:
         except OSError as exc:
             raise ClientGone(f"send failed: {exc.strerror or exc}") from None
         self.bytes_out += len(data)
+        if self.reader is not None:      # before login the client answers what we say
+            self.reader.answer_due = True
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()

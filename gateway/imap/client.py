@@ -308,7 +308,7 @@ class ImapSession(session_mod.Session):
 
     def id_fields(self) -> list[tuple[str, str]]:
         """The client's ID plus its address, for the back-end's logs (Dovecot x-* fields)."""
-        local = self.client.getsockname()
+        local = session_mod.local_address(self.listen, self.client)
         ours = [("x-originating-ip", self.client_address),
                 ("x-originating-port", str(self.client_port)),
                 ("x-connected-ip", str(local[0])), ("x-connected-port", str(local[1])),
