@@ -29,9 +29,29 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # No format here names the caller's file, line or function: skip the stack walk that
+    # finds them for every record (the logging module's own switch for this).
+    logging._srcfile = None
+
+
+class TextFormatter(logging.Formatter):
+    """logging.Formatter with the date and time part of ``asctime`` made once per second
+    (every session leaves a line; strftime per line was a visible share of a login)."""
+
+    _second = -1
+    _prefix = ""
+
+    def formatTime(self, record, datefmt=None) -> str:  # noqa: N802 - logging's name
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
+            self._second = second
+        return f"{self._prefix},{int(record.msecs):03d}"
 
 
 class _Event:
