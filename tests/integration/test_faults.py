@@ -197,7 +197,9 @@ def test_emptied_embedded_cache_is_refilled_from_the_last_export(make_gateway):
         assert back is not None, load.summary(emptied) + gateway.log_text()[-3000:]
     print(f"embedded cache emptied: logins work {back - emptied:.3f} s later; "
           f"{load.summary(emptied, back)} meanwhile")
-    assert "refilling it: python -m gateway sync refill (sync export" in gateway.log_text()
+    # (logins may go on from the workers' recent lookups meanwhile: wait for the master)
+    assert wait_until(lambda: "refilling it: python -m gateway sync refill (sync export"
+                      in gateway.log_text(), timeout=30), gateway.log_text()[-3000:]
     assert {a.outcome for a in load.failures(emptied)} <= {"unavailable"}
 
 
