@@ -209,6 +209,8 @@ class Limits:
         return Admission(self, address, f"{self.host}:{session_id}", self.is_trusted(address))
 
     def is_trusted(self, address: str) -> bool:
+        if not self.trusted:
+            return False         # (the common case: no address to parse per login)
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:

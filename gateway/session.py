@@ -404,9 +404,13 @@ class Session:
         The watch is a callback on the event loop, not a greenlet: every login pays for it,
         and a greenlet's spawn, switches and kill cost more than the login's own reads."""
         import gevent
+        from gevent import socket as gsocket
         phase = gevent.getcurrent()
         client = self.client
-        watcher = gevent.get_hub().loop.io(client.fileno(), 1)
+        # A plain socket lends its own read watcher (idle while this greenlet talks to the
+        # back-end): a new one would cost an fcntl and an epoll_ctl per login.
+        own = type(client) is gsocket.socket and client._read_event.callback is None
+        watcher = client._read_event if own else gevent.get_hub().loop.io(client.fileno(), 1)
 
         def readable() -> None:
             watcher.stop()
@@ -425,7 +429,8 @@ class Session:
             return backend_phase()
         finally:
             watcher.stop()
-            watcher.close()
+            if not own:
+                watcher.close()
 
     def login_failed(self, exc: LoginError, started: float) -> None:
         self.state = State.PREAUTH
