@@ -184,7 +184,8 @@ class Transactions:
             return None
         end = len(data) if size is None else size
         position = 0
-        while position < end and self.verdict is None:
+        # Nothing after QUIT counts: the server's answer to it ends the session.
+        while position < end and self.verdict is None and not self.quit_seen:
             if self.mode == self.COMMAND:
                 position = self._command(data, position, end)
             elif self.mode == self.DATA:
