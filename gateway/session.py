@@ -342,6 +342,18 @@ class Session:
     # The protocol part: what the client sees first, reads, and gets when the server ends it.
     internal_error_line = b""
     reader = None     # the protocol's gateway.stream reader of the client, until login
+    # How a pre-login read that cannot go on ends: (exception class, goodbye line or b"",
+    # reason for the log or "" for the exception's own text); the first match wins.
+    read_failures: tuple = ()
+
+    def read_failed(self, exc: Exception) -> ClientGone:
+        """Say the protocol's goodbye for a failed read; the ClientGone that ends the session."""
+        for kind, line, reason in self.read_failures:
+            if isinstance(exc, kind):
+                if line:
+                    self.try_send(line)
+                return ClientGone(reason or str(exc))
+        return ClientGone(str(exc))
 
     def new_reader(self, client):
         """A fresh pre-login reader of ``client`` (made again after STARTTLS/STLS)."""

@@ -52,6 +52,7 @@ ANSWERS = {
 
 class ImapSession(session_mod.Session):
     protocol = "imap"
+    read_failures = READ_FAILURES
 
     def __init__(self, service, client, address, listen):
         super().__init__(service, client, address, listen)
@@ -131,15 +132,6 @@ class ImapSession(session_mod.Session):
         if not isinstance(event, Line):      # cannot happen between commands
             raise ClientGone("protocol error: literal data out of place")
         return event
-
-    def read_failed(self, exc: Exception) -> ClientGone:
-        """The goodbye for a read that cannot go on, and the ClientGone that ends the session."""
-        for kind, line, reason in READ_FAILURES:
-            if isinstance(exc, kind):
-                if line:
-                    self.try_send(line)
-                return ClientGone(reason or str(exc))
-        return ClientGone(str(exc))  # pragma: no cover - every ReadError/ParseError is listed
 
     # -- dispatch ----------------------------------------------------------------------------------
 

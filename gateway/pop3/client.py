@@ -24,6 +24,11 @@ MAX_AUTH_LINE = 8192       # RFC 5034 §4: SASL lines are not bound by the 255 o
 MAX_BAD_COMMANDS = 10
 INACTIVITY = b"-ERR Disconnected for inactivity.\r\n"
 TOO_SLOW = b"-ERR Disconnected: login took too long.\r\n"
+READ_FAILURES = (
+    (DeadlineExceeded, TOO_SLOW, "login deadline"),
+    (ReadTimeout, INACTIVITY, "idle timeout before login"),
+    (PeerClosed, b"", "client closed"),
+)
 # RFC 2449 CAPA before login: what a Dovecot back-end offers after it, so that clients
 # deciding from it (TOP, UIDL) get it right; STLS is added on STARTTLS listeners.
 PREAUTH_CAPA = ("TOP", "UIDL", "RESP-CODES", "PIPELINING", "AUTH-RESP-CODE", "SASL PLAIN LOGIN",
@@ -41,6 +46,7 @@ ANSWERS = {
 
 class Pop3Session(session_mod.Session):
     protocol = "pop3"
+    read_failures = READ_FAILURES
 
     def __init__(self, service, client, address, listen):
         super().__init__(service, client, address, listen)
@@ -78,16 +84,8 @@ class Pop3Session(session_mod.Session):
         (already dropped).  Time bounds and EOF end the session (ClientGone)."""
         try:
             event = self.reader.next_event()
-        except DeadlineExceeded:
-            self.try_send(TOO_SLOW)
-            raise ClientGone("login deadline") from None
-        except ReadTimeout:
-            self.try_send(INACTIVITY)
-            raise ClientGone("idle timeout before login") from None
-        except PeerClosed:
-            raise ClientGone("client closed") from None
         except ReadError as exc:
-            raise ClientGone(str(exc)) from None
+            raise self.read_failed(exc) from None
         return None if isinstance(event, TooLong) else event.text
 
     # -- commands ---------------------------------------------------------------------------------

@@ -40,6 +40,14 @@ class SmtpSession(session_mod.Session):
         super().__init__(service, client, address, listen)
         self.settings = service.config.submission
         self.hostname = self.settings.hostname or socket.gethostname()
+        goodbye = b"421 4.4.2 " + self.hostname.encode()
+        self.read_failures = (
+            (DeadlineExceeded, goodbye + b" Login took too long, closing connection\r\n",
+             "login deadline"),
+            (ReadTimeout, goodbye + b" Timeout, closing connection\r\n",
+             "idle timeout before login"),
+            (PeerClosed, b"", "client closed"),
+        )
         self.reader = self.new_reader(client)
         self.greeted = False
         self.bad_commands = 0
@@ -67,19 +75,10 @@ class SmtpSession(session_mod.Session):
     def read_line(self) -> bytes | TooLong:
         """One client line without its line end (bounded by MAX_AUTH_LINE), or TooLong;
         time bounds and EOF end the session (ClientGone)."""
-        goodbye = b"421 4.4.2 " + self.hostname.encode()
         try:
             event = self.reader.next_event()
-        except DeadlineExceeded:
-            self.try_send(goodbye + b" Login took too long, closing connection\r\n")
-            raise ClientGone("login deadline") from None
-        except ReadTimeout:
-            self.try_send(goodbye + b" Timeout, closing connection\r\n")
-            raise ClientGone("idle timeout before login") from None
-        except PeerClosed:
-            raise ClientGone("client closed") from None
         except ReadError as exc:
-            raise ClientGone(str(exc)) from None
+            raise self.read_failed(exc) from None
         return event if isinstance(event, TooLong) else event.text
 
     def next_command(self) -> None:
