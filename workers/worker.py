@@ -164,8 +164,10 @@ class Worker:
     def drain(self) -> None:
         """Stop accepting; let sessions finish (graceful) or say goodbye now.
 
-        On the gateway's stop the health listener stays open meanwhile, answering 503."""
-        self.service.draining = True
+        On the gateway's stop the health listener stays open meanwhile, answering 503.  A
+        worker retired alone (HUP, TTOU) leaves while others serve: it stops accepting at
+        once, and the health requests it already took are answered as usual (200)."""
+        self.service.draining = self.announce
         keep = self.announce and self.graceful
         if keep and self.config.server.drain_delay:
             # Health says 503 now; new clients are still served until the balancer has
@@ -187,6 +189,10 @@ class Worker:
                 while (self.service.open_sessions() or any(len(p) for p in pools)) \
                         and self.graceful:
                     gevent.sleep(0.1)
+        for server in self.servers:
+            if server.is_health:
+                server.close()     # no new health request from here on ...
+        self._answer_health_requests()   # ... and the ones taken get their answer
         self.service.shutdown(graceful=False)
         for server in self.servers:
             server.close()
@@ -195,6 +201,16 @@ class Worker:
                 pool.join()
         for pool in pools:
             pool.kill(block=True, timeout=1)
+
+    def _answer_health_requests(self) -> None:
+        """Let the health handlers in progress finish (each is bounded by health.TIMEOUT).
+        A connection this worker accepted and then closed unanswered would look, to a load
+        balancer's check, like a dead instance while the gateway merely reloads."""
+        from gateway import health
+        with gevent.Timeout(health.TIMEOUT + 1, False):
+            for server in self.servers:
+                if server.is_health:
+                    server.pool.join()
 
 
 def _crash_hook() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import signal
 import socket
+import threading
 import time
 
 
@@ -76,6 +77,47 @@ def test_healthz_stays_200_across_hup(make_gateway):
     assert wait_until(renewed)
     statuses.add(get(gw.ports["health"])[0])
     assert statuses == {200}
+
+
+def test_health_requests_during_hup_are_all_answered(make_gateway):
+    """A balancer's checks keep arriving while the old workers retire: each connection gets
+    its answer (200), none is closed unanswered by a worker on its way out."""
+    gw = make_gateway(listeners=LISTENERS, workers=2)
+    old = wait_until(lambda: (p := gw.worker_pids()) and len(p) == 2 and p)
+    answers, errors, stop = [], [], threading.Event()
+
+    def check(path):
+        while not stop.is_set():
+            try:
+                answers.append(get(gw.ports["health"], path)[0])
+            except (OSError, http.client.HTTPException) as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=check, args=(path,))
+               for path in ("/healthz", "/healthz", "/metrics")]
+    for thread in threads:
+        thread.start()
+    try:
+        assert wait_until(lambda: len(answers) >= 10)
+        gw.signal(signal.SIGHUP)
+        assert wait_until(lambda: (p := gw.worker_pids()) and len(p) == 2
+                          and not set(p) & set(old) and all(not alive(pid) for pid in old))
+        settled = len(answers)
+        assert wait_until(lambda: len(answers) >= settled + 10)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert errors == []
+    assert set(answers) == {200}
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_healthz_is_503_without_redis(make_gateway, tmp_path):
