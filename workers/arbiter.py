@@ -29,6 +29,7 @@ log = logging.getLogger("mailgate.master")
 
 WORKER_BOOT_ERROR = 3     # the worker never served: stop rather than respawn for ever
 WORKER_CRASHED = 4        # the worker served, then failed: replace it like a killed one
+BOOT_MODE = 0o600         # a heartbeat file's mode until the worker's first beat (0 or 1)
 SIGNALS = ("HUP", "QUIT", "INT", "TERM", "TTIN", "TTOU", "CHLD")
 
 
@@ -51,6 +52,10 @@ class WorkerRecord:
         """Seconds since the worker last touched its heartbeat file."""
         return time.time() - os.fstat(self.heartbeat.fileno()).st_ctime
 
+    def serving(self) -> bool:
+        """The worker has beaten once: its listeners accept (it beats after starting them)."""
+        return os.fstat(self.heartbeat.fileno()).st_mode & 0o777 != BOOT_MODE
+
 
 class Arbiter:
     """One master process: ``Arbiter(config, workers).run()`` returns the exit status."""
@@ -71,6 +76,8 @@ class Arbiter:
         self.stopping = False
         self.status = None
         self.probe: BackendProbe | None = None
+        self.replaced: list[WorkerRecord] = []   # retired once their successors serve
+        self.replaced_since = 0.0
 
     # -- start and main loop ---------------------------------------------------------------
 
@@ -156,12 +163,13 @@ class Arbiter:
         """One pass: handle a queued signal (or sleep), then reap, murder, manage."""
         name = self.signal_queue.pop(0) if self.signal_queue else None
         if name is None:
-            self.sleep(1.0)
+            self.sleep(0.1 if self.replaced else 1.0)
         else:
             getattr(self, f"handle_{name.lower()}")()
         self.reap_workers()
         self.murder_workers()
         self.spawn_missing()
+        self.retire_replaced()
         if self.probe is not None:
             self.probe.poll()
             if self.probe.done:
@@ -218,8 +226,24 @@ class Arbiter:
         self.generation += 1
         log.info("HUP: config reloaded; starting generation %d", self.generation)
         self.spawn_missing()
-        for worker in old:
-            self.retire(worker)
+        if not self.replaced:
+            self.replaced_since = time.monotonic()
+        self.replaced.extend(old)
+
+    def retire_replaced(self) -> None:
+        """Retire the workers a reload replaced once every new worker serves (or after
+        heartbeat_timeout).  Until then the old ones go on accepting: retired at once, they
+        would leave new clients waiting in the listen queue while the new workers boot."""
+        if not self.replaced:
+            return
+        booting = [w for w in self.current() if not w.serving()]
+        waited = time.monotonic() - self.replaced_since
+        if booting and waited < self.config.server.heartbeat_timeout:
+            return
+        for worker in self.replaced:
+            if worker.pid in self.workers:
+                self.retire(worker)
+        self.replaced = []
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -238,6 +262,7 @@ class Arbiter:
 
     def spawn(self) -> None:
         heartbeat = tempfile.TemporaryFile(prefix="mailgate-wbeat-")
+        os.fchmod(heartbeat.fileno(), BOOT_MODE)
         pid = os.fork()
         if pid:
             self.workers[pid] = WorkerRecord(pid, self.generation, heartbeat)
