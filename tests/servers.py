@@ -31,11 +31,26 @@ _SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 _running: set = set()   # servers started and not yet stopped, for the atexit hook
 
 
+_handed_out: set = set()   # ports free_port() returned in this process
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that no earlier call
+    in this process returned: the kernel may offer the same free port twice in a row, and
+    two listeners of one gateway (or a gateway and its back-end) must never get the same."""
+    held = []
+    try:
+        while True:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(sock)      # kept bound while we look: the kernel offers another
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0, process=None) -> None:
@@ -672,13 +687,24 @@ class GatewayProcess(_Process):
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         return env
 
-    def start(self, timeout: float = 30.0) -> "GatewayProcess":
-        """Start the master and wait until every listener accepts a connection."""
-        self.write_config()
-        self._spawn([sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
-                    self.log_path, cwd=REPO_ROOT, env=self._env())
-        self._await_ports(self.ports.values(), "gateway",
-                          lambda: f"--- {self.log_path} ---\n{_tail(self.log_path)}", timeout)
+    def start(self, timeout: float = 30.0, attempts: int = 3) -> "GatewayProcess":
+        """Start the master and wait until every listener accepts a connection.
+
+        A port found free can be taken before the master binds it (by another process's
+        listener or outgoing connection): then the start is tried again on new ports."""
+        for attempt in range(1, attempts + 1):
+            self.write_config()
+            self._spawn([sys.executable, "-m", "gateway", "serve",
+                         "--config", str(self.config_path)],
+                        self.log_path, cwd=REPO_ROOT, env=self._env())
+            try:
+                self._await_ports(self.ports.values(), "gateway",
+                                  lambda: f"--- {self.log_path} ---\n{_tail(self.log_path)}",
+                                  timeout)
+                return self
+            except RuntimeError as exc:
+                if attempt == attempts or "Address already in use" not in str(exc):
+                    raise
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
