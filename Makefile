@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= deploy/gateway.example.toml
-# Debian packages the test suite starts as real servers.
-TEST_PACKAGES := redis-server redis-sentinel dovecot-imapd dovecot-pop3d dovecot-submissiond postfix slapd ldap-utils haproxy nginx-light libnginx-mod-mail
+# Debian packages the test suite starts as real servers (systemd: systemd-analyze verify
+# checks deploy/mailgate.service; a minimal Debian lacks it).
+TEST_PACKAGES := redis-server redis-sentinel dovecot-imapd dovecot-pop3d dovecot-submissiond postfix slapd ldap-utils haproxy nginx-light libnginx-mod-mail systemd
 # What `make bench` needs besides them: strace counts the system calls per session.
 BENCH_PACKAGES := strace
 
