@@ -25,7 +25,7 @@ log = logging.getLogger("mailgate.health")
 MAX_REQUEST = 8192      # request line and headers
 TIMEOUT = 5.0           # to read the request and write the answer
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           503: "Service Unavailable"}
+           500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 @dataclass(frozen=True)
@@ -82,16 +82,26 @@ def handler(service):
                 response = parsed
             else:
                 method, path = parsed
-                route = ROUTES.get(path)
-                response = route(service) if route else Response(404, b"not found\n")
+                response = _route(service, path)
             sock.sendall(_encode(response, with_body=method != "HEAD"))
         except OSError:
-            pass
-        except Exception:  # noqa: BLE001 - a route's bug is a 500, never a dead worker
-            log.exception("health request failed")
+            pass          # the client's socket: nobody left to answer
         finally:
             sock.close()
     return handle
+
+
+def _route(service, path: str) -> Response:
+    """The route's answer; a route that fails (a bug, a metrics file read while a worker
+    writes or removes it) is a 500: a balancer's check is answered, never dropped."""
+    route = ROUTES.get(path)
+    if route is None:
+        return Response(404, b"not found\n")
+    try:
+        return route(service)
+    except Exception:  # noqa: BLE001 - never a dead worker, never an unanswered check
+        log.exception("health request failed")
+        return Response(500, b"internal error\n")
 
 
 def _read_head(sock: socket.socket) -> bytes | None:

@@ -108,8 +108,10 @@ def test_health_requests_during_hup_are_all_answered(make_gateway):
         stop.set()
         for thread in threads:
             thread.join(30)
-    assert errors == []
-    assert set(answers) == {200}
+    log = gw.log_text()
+    failed = log[log.find("health request failed"):][:3000] if "request failed" in log else ""
+    assert errors == [], (errors, failed)
+    assert set(answers) == {200}, failed
 
 
 def alive(pid: int) -> bool:
