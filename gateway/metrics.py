@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import os
 import shutil
+import struct
 import time
 from collections import defaultdict
 
@@ -217,6 +218,9 @@ def _observe_many(histogram, values: list) -> None:
 recorder = Recorder()
 
 
+RENDER_ATTEMPTS = 5     # reads of the workers' files per scrape (see render)
+
+
 def render(directory=None) -> tuple[bytes, str]:
     """The Prometheus text of every worker of this master, plus ``directory`` gauges
     (generation and sync age, read from Redis at scrape time).  Returns (body, content type).
@@ -229,7 +233,17 @@ def render(directory=None) -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
     if directory is not None:
         registry.register(_DirectoryCollector(directory))
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    for attempt in range(RENDER_ATTEMPTS):
+        try:
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        except struct.error:
+            # A worker starting right now (HUP, TTIN, a replacement) has created its file
+            # and not yet sized it: for an instant it is empty and prometheus_client fails
+            # to read it.  Read again rather than answer the scrape with an error.
+            if attempt == RENDER_ATTEMPTS - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 class _DirectoryCollector:
