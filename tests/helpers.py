@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 
 class Tripwire:
@@ -60,3 +61,13 @@ def hammer_lookups(directory, login: str, field: str):
         stop.set()
         thread.join()
 
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
+    """Poll until predicate() is truthy; its value, or None at the timeout (never hangs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None

@@ -5,21 +5,11 @@ from __future__ import annotations
 import imaplib
 import poplib
 import socket
-import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1):
-    """Poll until predicate() is truthy; its value, or None on timeout (never hangs)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return None
+from helpers import wait_until  # noqa: F401 - re-exported to the ops tests
 
 
 def scrape_text(gateway) -> str:

@@ -25,22 +25,13 @@ import pytest
 import redis
 
 import servers
+from helpers import wait_until
 from conftest import USERS_A, USERS_B
 from load import LoginLoad, one_login, owner_pid
 
 LOAD_USERS = {"alice@example.com": USERS_A["alice@example.com"],
               "bob@example.com": USERS_B["bob@example.com"]}
 ROUTES = {"alice@example.com": "A", "bob@example.com": "B"}
-
-
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return None
 
 
 def workers_of(gateway, count: int) -> list[int]:

@@ -7,10 +7,10 @@ import http.client
 import signal
 import socket
 import threading
-import time
 
 
 import servers
+from helpers import wait_until
 from conftest import USERS_A, require_binary
 
 LISTENERS = {"imap": {"protocol": "imap"}, "health": {"protocol": "health"}}
@@ -24,16 +24,6 @@ def get(port: int, path: str = "/healthz", method: str = "GET") -> tuple[int, by
         return response.status, response.read()
     finally:
         connection.close()
-
-
-def wait_until(predicate, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return None
 
 
 def test_healthz_and_other_routes(make_gateway):

@@ -19,6 +19,7 @@ import redis
 
 import directory_data as data
 import servers
+from helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -63,17 +64,6 @@ def people_ou(slapd):
     for entry in sorted(admin.response, key=lambda e: -len(e["dn"])):
         admin.delete(entry["dn"])
     admin.unbind()
-
-
-def wait_until(predicate, timeout: float = 15.0):
-    """Poll until predicate() is truthy; its value, or None on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return None
 
 
 def set_host(admin, base: str, uid: str, host: str) -> None:

@@ -16,19 +16,9 @@ from pathlib import Path
 import pytest
 
 import servers
+from helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05):
-    """Poll until predicate() is truthy; returns its value or None on timeout (never hangs)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return None
 
 
 def greet(port: int) -> bytes:

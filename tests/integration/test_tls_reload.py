@@ -12,11 +12,11 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 
 import pytest
 
 import servers
+from helpers import wait_until
 from certs import TestCA
 from conftest import USERS_A
 
@@ -29,16 +29,6 @@ def served_name(port: int, ca) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=15) as raw:
         with context.wrap_socket(raw) as tls:
             return dict(x[0] for x in tls.getpeercert()["subject"])["commonName"]
-
-
-def wait_until(predicate, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    return None
 
 
 @pytest.fixture
