@@ -30,6 +30,7 @@ import os
 import time
 
 from gevent import get_hub
+from gevent._socket3 import _closedsocket
 from gevent.socket import socket as _GeventSocket
 
 log = logging.getLogger("mailgate.relay")
@@ -43,6 +44,9 @@ PIPE_SIZE = 1 << 20        # bytes per splice wake-up (Linux's default pipe-max-
 _SPLICE = getattr(os, "splice", None)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _pipe: tuple[int, int] | None = None      # made on first use, in the worker (after fork)
+# What a gevent socket wraps once the relay has taken its descriptor (gevent's own stand-in
+# for a closed socket: close() does nothing, any I/O raises EBADF).
+_HANDED_OVER = _closedsocket(-1, -1, -1, -1, "handed to the relay")
 
 
 def _splice_pipe() -> tuple[int, int] | None:
@@ -84,21 +88,40 @@ def _raw(sock) -> _socket.socket:
     return raw
 
 
+def _take(sock):
+    """(plain non-blocking socket, its read watcher, its write watcher or None) for a relay.
+
+    A gevent socket lends its own descriptor object and watchers: no new socket object (the
+    socket module asks the kernel for its address, getsockname) and no new watchers (an fcntl
+    each, and an epoll_ctl when one replaces the other on the same descriptor).  Any other
+    socket is detached into a plain one with a new read watcher; its write watcher is made
+    when a write is first left pending (most sessions never need one)."""
+    if type(sock) is _GeventSocket:
+        taken = sock._sock, sock._read_event, sock._write_event
+        # The wrapper owns them no more: its close() (gevent's server closes each handled
+        # socket when the handler returns) is a no-op on a closed proxy.
+        sock._sock = _HANDED_OVER
+        sock._read_event = sock._write_event = None
+        return taken
+    raw = _raw(sock)
+    return raw, get_hub().loop.io(raw.fileno(), READ), None
+
+
 class _Direction:
-    """One way through the relay: reads ``src``, writes ``dst``."""
+    """One way through the relay: reads ``src`` (on ``reader``), writes ``dst`` (waiting on
+    ``writer`` when it cannot take a chunk at once)."""
 
     __slots__ = ("relay", "src", "dst", "side", "peer", "reader", "writer", "pending", "upward",
                  "splicing")
 
-    def __init__(self, relay: "Relay", src, dst, upward: bool):
-        loop = get_hub().loop
+    def __init__(self, relay: "Relay", src, dst, upward: bool, reader, writer):
         self.relay = relay
         self.src, self.dst = src, dst
         self.upward = upward
         self.side, self.peer = ("client", "backend") if upward else ("backend", "client")
-        self.reader = loop.io(src.fileno(), READ)
-        self.writer = None       # made when a write is first left pending (a watcher each
-        self.pending = None      # costs a system call, and most sessions never need it)
+        self.reader = reader
+        self.writer = writer
+        self.pending = None
         self.splicing = False
 
     def on_readable(self) -> None:
@@ -269,15 +292,17 @@ class Relay:
 
     def __init__(self, session, client, backend, observe=None, rewrite=None):
         self.session = session
-        self.client = _raw(client)
-        self.backend = _raw(backend)
+        self.client, client_reader, client_writer = _take(client)
+        self.backend, backend_reader, backend_writer = _take(backend)
         self.observe = observe
         self.rewrite = rewrite
         self.tail = b""          # the back-end's last bytes (did it say goodbye?)
         self.done = False
         self.finishing = False   # relay_ended() may write a goodbye: no second finish()
-        self.up = _Direction(self, self.client, self.backend, True)
-        self.down = _Direction(self, self.backend, self.client, False)
+        self.up = _Direction(self, self.client, self.backend, True, client_reader,
+                             backend_writer)
+        self.down = _Direction(self, self.backend, self.client, False, backend_reader,
+                               client_writer)
 
     def start(self) -> None:
         self.up.reader.start(self.guard, self.up.on_readable)

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 
@@ -57,6 +58,10 @@ class ClientGone(Exception):
 class TooManyFailures(ClientGone):
     """Too many failed logins or bad commands: the protocol says goodbye and closes."""
 
+
+# Linux copies TCP_NODELAY from a listening socket (set in workers/sockets.py) to the
+# sockets it accepts; elsewhere each client socket is set on its own.
+NODELAY_INHERITED = sys.platform.startswith("linux")
 
 MAX_CREDENTIALS = 4096   # login name + password bytes; longer ones fail like a wrong password
 
@@ -227,10 +232,11 @@ class Session:
         self.login_failures = 0
         self.admission = None   # limits.Admission of the login in progress or done
         self.tls = getattr(client, "is_tls", False)   # implicit TLS, or after STARTTLS
-        try:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        if not NODELAY_INHERITED:
+            try:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
 
     # -- TLS (gateway.tls) ----------------------------------------------------------------
 

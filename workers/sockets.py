@@ -24,6 +24,9 @@ def bind(address: tuple[str, int]) -> socket.socket:
     sock = socket.socket(family, socktype, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Every protocol here is a dialogue of short lines: no Nagle delay.  Linux copies
+        # the option to each accepted socket (one setsockopt per listener, not per client).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)

@@ -459,6 +459,9 @@ def _no_literal(reader: _Reader) -> None:
 
 def _code_end(rest: bytes) -> int:
     """Index of the "]" closing the code opened at ``rest[0]`` (quoted strings skipped), or -1."""
+    close = rest.find(b"]", 1)
+    if close < 0 or rest.find(b'"', 1, close) < 0:
+        return close        # the common case (a capability list): no quoted string inside
     i, in_quote = 1, False
     while i < len(rest):
         byte = rest[i]
