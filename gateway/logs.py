@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -33,8 +34,23 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(level.upper())
     # No format here names the caller's file, line or function: skip the stack walk that
-    # finds them for every record (the logging module's own switch for this).
+    # finds them for every record (the logging module's own switch for this); nor a thread
+    # or multiprocessing name.  The process id is filled in by our formatters from a copy
+    # taken here (a forked worker calls setup again): getpid is a system call per record.
     logging._srcfile = None
+    logging.logThreads = logging.logMultiprocessing = logging.logProcesses = False
+    _forked()
+
+
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class TextFormatter(logging.Formatter):
@@ -43,6 +59,11 @@ class TextFormatter(logging.Formatter):
 
     _second = -1
     _prefix = ""
+
+    def format(self, record) -> str:
+        if record.process is None:
+            record.process = _pid
+        return super().format(record)
 
     def formatTime(self, record, datefmt=None) -> str:  # noqa: N802 - logging's name
         if datefmt is not None:
@@ -104,7 +125,8 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                 + f".{int(record.msecs):03d}Z",
-                "level": record.levelname.lower(), "pid": record.process,
+                "level": record.levelname.lower(),
+                "pid": _pid if record.process is None else record.process,
                 "logger": record.name}
         message = record.msg
         if isinstance(message, _Event) and not record.args:

@@ -110,18 +110,24 @@ def route(service, login_name: str, admission=None) -> Route:
 def connect(backend_config: BackendConfig, protocol: str) -> socket.socket:
     """A TCP connection to the back-end's port for ``protocol``; raises LoginError.
 
-    The one place a back-end socket is opened (TLS to the back-end wraps this)."""
+    The one place a back-end socket is opened (TLS to the back-end wraps this).  Over plain
+    TCP every protocol here starts with the server's greeting, so the connect waits until the
+    back-end has sent its first bytes (or failed): one wait for the connection and the
+    greeting together, and ``mailgate_backend_connect_seconds`` is the time to the greeting."""
     address = (backend_config.address, backend_config.port(protocol))
     started = time.perf_counter()
     try:
         family = _numeric_family(backend_config.address)
         if family is None:
             sock = socket.create_connection(address, timeout=backend_config.connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
             # An address literal needs no resolver (gevent's would take a thread-pool trip).
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
-                _connect(sock, address, backend_config.connect_timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _connect(sock, address, backend_config.connect_timeout,
+                         until_greeting=backend_config.tls == "none")
             except OSError:
                 sock.close()
                 raise
@@ -131,18 +137,20 @@ def connect(backend_config: BackendConfig, protocol: str) -> socket.socket:
         raise LoginError(Failure.UNAVAILABLE,
                          f"connect {backend_config.name} {address[0]}:{address[1]}: {reason}") from None
     recorder.backend_connect(backend_config.name, time.perf_counter() - started)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if backend_config.tls != "none":
         return _secure(sock, backend_config, protocol)
     return sock
 
 
-def _connect(sock, address, timeout: float) -> None:
+def _connect(sock, address, timeout: float, until_greeting: bool = False) -> None:
     """``sock.connect(address)`` in at most ``timeout`` seconds with one connect(2), one wait
     and one SO_ERROR read (gevent's connect asks SO_ERROR first and connects a second time
-    after the wait: two calls more per login).  ``sock`` keeps ``timeout`` afterwards."""
-    watcher = getattr(sock, "_write_event", None)     # a gevent socket's own watcher
-    if watcher is None:
+    after the wait: two calls more per login).  ``until_greeting``: the wait is for the
+    first bytes from the server, not for the connection alone (no second wait, and no
+    switch of the watched events, before the greeting is read).  ``sock`` keeps
+    ``timeout`` afterwards."""
+    watcher = getattr(sock, "_read_event" if until_greeting else "_write_event", None)
+    if watcher is None:                               # not a gevent socket
         sock.settimeout(timeout)
         sock.connect(address)
         return

@@ -50,12 +50,15 @@ def _yield_to_hub() -> None:
     gevent.sleep(0)
 
 
-def _await_readable(sock, timeout: float | None) -> None:
-    """Wait until a plain gevent socket is readable, on its own read watcher (no new one);
-    any other socket (TLS: bytes may wait decrypted inside OpenSSL) is left to ``recv``."""
-    from gevent import socket as gsocket   # (here: the master never imports gevent)
-    if type(sock) is gsocket.socket:
-        gsocket.wait(sock._read_event, timeout, socket.timeout("timed out"))
+_gevent_socket = None     # gevent.socket, once a worker reads (the master never imports gevent)
+
+
+def _plain_socket_module():
+    global _gevent_socket
+    if _gevent_socket is None:
+        from gevent import socket as gsocket
+        _gevent_socket = gsocket
+    return _gevent_socket
 
 
 class StreamReader:
@@ -117,12 +120,14 @@ class StreamReader:
             if left <= 0:
                 raise DeadlineExceeded("deadline passed")
             timeout = left if timeout is None else min(timeout, left)
+        sock = self.sock
         try:
-            self.sock.settimeout(timeout)
-            if self.answer_due:
-                self.answer_due = False
-                _await_readable(self.sock, timeout)
-            data = self.sock.recv(self.recv_size)
+            sock.settimeout(timeout)    # (also bounds the next sendall on this socket)
+            gsocket = _plain_socket_module()
+            if type(sock) is gsocket.socket:
+                data = self._recv_plain(sock, gsocket, timeout)
+            else:     # TLS: bytes may wait decrypted inside OpenSSL; its recv waits itself
+                data = sock.recv(self.recv_size)
         except socket.timeout:
             if self.deadline is not None and time.monotonic() >= self.deadline - 0.001:
                 raise DeadlineExceeded("deadline passed") from None
@@ -137,6 +142,29 @@ class StreamReader:
         # Whole lines came: the peer has most likely said all it had for now (a back-end's
         # untagged ID answer, its tagged LOGIN answer still being worked out).
         self.answer_due = data[-1:] == b"\n"
+
+    def _recv_plain(self, sock, gsocket, timeout: float | None) -> bytes:
+        """recv on a plain gevent socket's descriptor, waiting on its own read watcher when
+        nothing is there (first, when an answer is due).  A wait lets the loop run the
+        other sessions: the pacing clock starts again after it."""
+        raw = sock._sock
+        if not self.answer_due:
+            try:
+                return raw.recv(self.recv_size)
+            except BlockingIOError:
+                pass
+        self.answer_due = False
+        until = None if timeout is None else time.monotonic() + timeout
+        while True:
+            gsocket.wait(sock._read_event, timeout, socket.timeout)
+            self.paced_at = now = time.monotonic()
+            try:
+                return raw.recv(self.recv_size)
+            except BlockingIOError:      # woken without bytes: wait for the rest of the time
+                if until is not None:
+                    timeout = until - now
+                    if timeout <= 0:
+                        raise socket.timeout("timed out") from None
 
     def _pace(self) -> None:
         now = time.monotonic()

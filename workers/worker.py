@@ -18,6 +18,8 @@ from gevent.event import Event  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
+from workers.runners import Runners  # noqa: E402
+
 log = logging.getLogger("mailgate.worker")
 
 def _sendall_in_one_send() -> None:
@@ -75,13 +77,16 @@ class Worker:
             fd = fds[listen.host_port]
             listener = socket.socket(fileno=os.dup(fd))
             listener.setblocking(False)
-            # The bound that counts is the worker's open sessions (logged-in ones leave the
-            # pool for the relay); the pool only caps greenlets, with room for refusals.
-            pool = Pool(config.server.max_connections + REFUSE_BATCH)
-            server = StreamServer(listener, self.service.handler(listen), spawn=pool)
+            server = StreamServer(listener, self.service.handler(listen))
             server.max_accept = MAX_ACCEPT
             server.is_health = listen.protocol == "health"
-            if not server.is_health:     # (/healthz answers however many sessions are open)
+            if server.is_health:     # (/healthz answers however many sessions are open)
+                server.set_spawn(Pool(config.server.max_connections + REFUSE_BATCH))
+            else:
+                # The bound that counts is the worker's open sessions (logged-in ones leave
+                # their runner for the relay): the server stops accepting while it is full.
+                server.runners = Runners()
+                server.set_spawn(server.runners.spawn)
                 server.full = self.service.full
             self.servers.append(server)
         self.service.room_callbacks.append(self.resume_accepting)
@@ -123,7 +128,7 @@ class Worker:
                     break
                 if not accepted:
                     break
-                server.do_handle(*accepted)   # a greenlet of the pool: refuses (or serves,
+                server.do_handle(*accepted)   # a runner: refuses (or serves,
                                               # should a session have ended meanwhile)
 
     def run(self) -> int:
@@ -180,12 +185,12 @@ class Worker:
         for server in self.servers:
             if not (keep and server.is_health):
                 server.close()
-        pools = [server.pool for server in self.servers if not server.is_health]
+        pools = [server.runners for server in self.servers if not server.is_health]
         if self.graceful:
             log.info("worker pid=%d draining %d sessions", os.getpid(), self.service.open_sessions())
             deadline = self.config.server.graceful_timeout
             with gevent.Timeout(deadline, False):
-                # Logged-in sessions live in the event-loop relay, not in the pools.
+                # Logged-in sessions live in the event-loop relay, not in the runners.
                 while (self.service.open_sessions() or any(len(p) for p in pools)) \
                         and self.graceful:
                     gevent.sleep(0.1)

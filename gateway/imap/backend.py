@@ -75,7 +75,7 @@ class BackendConnection:
         self.target = target
         self.name = target.config.name
         self.reader = ImapReader(sock, max_line=MAX_RESPONSE_LINE, max_literal=MAX_RESPONSE_LITERAL)
-        self.reader.answer_due = True       # the greeting comes after the connect
+        # (no answer_due: session.connect returns once the greeting is readable)
         self.capabilities: frozenset[str] = frozenset()   # upper-cased, to test what is offered
         self.capability_words: tuple[str, ...] = ()       # as spelled, for the client
         self.capability_updates = 0                       # how many lists were received

@@ -18,7 +18,7 @@ class BackendConnection:
         self.target = target
         self.name = target.config.name
         self.reader = StreamReader(sock, LineFramer(MAX_LINE))
-        self.reader.answer_due = True       # the greeting comes after the connect
+        # (no answer_due: session.connect returns once the greeting is readable)
         self.capabilities: set[str] = set()
 
     def fail(self, failure: Failure, detail: str) -> LoginError:
