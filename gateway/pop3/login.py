@@ -42,15 +42,9 @@ def log_in(sock, target: Target, password: str, client_address: tuple[str, int, 
     try:
         connection.reader.idle_timeout = target.config.connect_timeout
         _greet(connection)
+        _forward_client(connection, *client_address)
         connection.reader.idle_timeout = target.config.login_timeout
-        # With PIPELINING (RFC 2449) XCLIENT leaves in the login's write: one round trip.
-        pipelined = "PIPELINING" in connection.capabilities
-        forward = _forward_line(connection, *client_address)
-        if forward and not pipelined:
-            connection.send(forward)
-            _forward_answer(connection)
-            forward = b""
-        return connection, _login(connection, target.login_name, password, forward)
+        return connection, _login(connection, target.login_name, password)
     except BaseException:
         connection.close()
         raise
@@ -72,32 +66,24 @@ def _greet(connection: BackendConnection) -> None:
             connection.capabilities.add(line.decode("ascii", "replace").upper())
 
 
-def _forward_line(connection: BackendConnection, address: str, port: int,
-                  session_id: str) -> bytes:
-    """Dovecot's XCLIENT (trusted networks only): the back-end logs the real client.  The
-    command line, or b"" when the back-end does not offer it."""
+def _forward_client(connection: BackendConnection, address: str, port: int,
+                    session_id: str) -> None:
+    """Dovecot's XCLIENT (trusted networks only): the back-end logs the real client."""
     if not any(c.startswith("XCLIENT") for c in connection.capabilities):
-        return b""
+        return
     if not _safe_token(address):
-        return b""
-    return f"XCLIENT ADDR={address} PORT={int(port)} SESSION={session_id}\r\n".encode()
-
-
-def _forward_answer(connection: BackendConnection) -> None:
+        return
+    connection.send(f"XCLIENT ADDR={address} PORT={int(port)} SESSION={session_id}\r\n".encode())
     answer = connection.read_line()
     if not answer.startswith(b"+OK"):
         raise connection.fail(Failure.UNAVAILABLE, f"XCLIENT refused: {answer[:80]!r}")
 
 
-def _login(connection: BackendConnection, login_name: str, password: str,
-           forward: bytes = b"") -> bytes:
-    """Replay the login (after ``forward``, an XCLIENT line pipelined with it); returns the
-    +OK line or raises LoginError."""
+def _login(connection: BackendConnection, login_name: str, password: str) -> bytes:
+    """Replay the login; returns the +OK line or raises LoginError."""
     if connection.offers_plain():
         token = sasl.encode_plain(login_name, password)
-        connection.send(forward + b"AUTH PLAIN " + token + b"\r\n")
-        if forward:
-            _forward_answer(connection)
+        connection.send(b"AUTH PLAIN " + token + b"\r\n")
         return _answer(connection, connection.read_line())
     if not _safe_token(login_name, spaces=True) or not _safe_token(password, spaces=True):
         raise connection.fail(Failure.AUTH_FAILED, "credentials unusable with USER/PASS")
@@ -105,9 +91,7 @@ def _login(connection: BackendConnection, login_name: str, password: str,
     secret = b"PASS " + password.encode() + b"\r\n"
     pipelining = "PIPELINING" in connection.capabilities
     if pipelining:
-        connection.send(forward + user + secret)
-        if forward:
-            _forward_answer(connection)
+        connection.send(user + secret)
         user_answer = connection.read_line()
     else:
         connection.send(user)
