@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -114,9 +115,12 @@ def _kv_value(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     text = readable(str(value))
-    if any(c in text for c in ' "=\\'):
+    if _NEEDS_QUOTES.search(text):
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
+
+
+_NEEDS_QUOTES = re.compile(r'[ "=\\]')
 
 
 class JsonFormatter(logging.Formatter):

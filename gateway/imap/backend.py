@@ -55,11 +55,16 @@ def quote_bytes(raw: bytes) -> bytes | None:
     8-bit bytes must travel as a literal."""
     if len(raw) > 1000 or _UNQUOTABLE.search(raw):
         return None
-    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    if b"\\" in raw or b'"' in raw:
+        raw = raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    return b'"' + raw + b'"'
 
 
 def quoted(value: str) -> bytes | None:
     return quote_bytes(value.encode("utf-8"))
+
+
+_quoted_key = functools.lru_cache(maxsize=128)(quoted)   # ID keys: the same few each login
 
 
 class BackendConnection:
@@ -210,7 +215,7 @@ def encode_id(fields: list[tuple[str, str]]) -> bytes:
     """An RFC 2971 ID parameter list; fields that cannot be quoted safely are dropped."""
     items = []
     for key, value in fields[:MAX_ID_FIELDS]:
-        key_q, value_q = quoted(key[:30]), quoted(value[:MAX_ID_VALUE])
+        key_q, value_q = _quoted_key(key[:30]), quoted(value[:MAX_ID_VALUE])
         if key_q is not None and value_q is not None:
             items.append(key_q + b" " + value_q)
     return b"(" + b" ".join(items) + b")" if items else b"NIL"
