@@ -319,7 +319,8 @@ class _Reader:
         if match is None:
             raise ParseError(_quoted_error(seg, self.pos))
         self.pos = match.end()
-        return _UNESCAPE.sub(rb"\1", match.group(1))
+        text = match.group(1)
+        return _UNESCAPE.sub(rb"\1", text) if b"\\" in text else text
 
     def take_atom(self) -> Atom:
         seg, start = self.texts[self.i], self.pos
