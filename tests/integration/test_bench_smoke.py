@@ -62,3 +62,22 @@ def test_quick_noop_bench_prints_the_table_and_stops_everything(tmp_path):
     assert all(r["p50_us"] > 0 for r in results["noop"].values())
     assert not os.path.exists(results["meta"]["tmpdir"])
     assert _processes_mentioning(results["meta"]["tmpdir"]) == []
+
+
+def test_floor_bench_prints_its_table_and_stops_everything(tmp_path):
+    """``python -m bench.floor``: the bare gevent proxy next to mailgate, nginx and direct."""
+    _require_servers()
+    result_path = tmp_path / "floor.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.floor", "--seconds", "0.5", "--rounds", "1",
+         "--clients", "4", "--json", str(result_path)],
+        cwd=servers.REPO_ROOT, capture_output=True, text=True, timeout=180,
+        env=dict(os.environ, PYTHONPATH=str(servers.REPO_ROOT)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "IMAP sessions/s" in done.stdout and "POP3 sessions/s" in done.stdout
+    results = json.loads(result_path.read_text())
+    for protocol in ("imap", "pop3"):
+        for target in ("direct", "floor", "mailgate", "nginx"):
+            assert results[protocol][target]["errors"] == 0
+            assert results[protocol][target]["sessions_per_s"] > 0
+    assert not _processes_mentioning("bench.floorproxy")

@@ -1,0 +1,103 @@
+"""The floor of mailgate's shape: the least a gevent proxy does per IMAP and POP3 login.
+
+One process, a greenlet per connection until its login is done, then the bytes move in
+event-loop callbacks on the raw descriptors (mailgate's relay, stripped).  No directory, no
+limits, no ID or XCLIENT, no timeouts, no logs or metrics, one fixed back-end, LOGIN with
+its arguments passed through as the client typed them.  It is not a proxy anyone should
+run: it exists so that ``python -m bench.floor`` can show how much of mailgate's cost per
+session is Python and gevent themselves, and how much is mailgate.
+
+    python -m bench.floorproxy BACKEND_HOST IMAP_PORT POP3_PORT LISTEN_IMAP LISTEN_POP3
+"""
+from __future__ import annotations
+
+import socket
+import sys
+
+import gevent
+from gevent import get_hub
+from gevent import socket as gsocket
+from gevent.server import StreamServer
+
+_buffer = bytearray(65536)
+_view = memoryview(_buffer)
+
+
+class _Relay:
+    """Both directions as read callbacks; the first EOF or error closes both sides."""
+
+    def __init__(self, client, backend):
+        loop = get_hub().loop
+        self.client = socket.socket(client.family, client.type, client.proto, client.detach())
+        self.backend = socket.socket(backend.family, backend.type, backend.proto,
+                                     backend.detach())
+        self.client.setblocking(False)
+        self.backend.setblocking(False)
+        self.watchers = (loop.io(self.client.fileno(), 1), loop.io(self.backend.fileno(), 1))
+        self.watchers[0].start(self.move, self.client, self.backend)
+        self.watchers[1].start(self.move, self.backend, self.client)
+
+    def move(self, src, dst) -> None:
+        try:
+            size = src.recv_into(_buffer)
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        if size:
+            try:
+                dst.send(_view[:size])       # small answers: one send takes them
+                return
+            except OSError:
+                pass
+        for watcher in self.watchers:
+            watcher.stop()
+            watcher.close()
+        self.client.close()
+        self.backend.close()
+
+
+def _backend(host: str, port: int):
+    sock = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.connect((host, port))
+    return sock
+
+
+def serve(backend_host: str, imap_backend: int, pop3_backend: int, imap_port: int,
+          pop3_port: int) -> None:
+    def imap(client, _address):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.sendall(b"* OK floor ready\r\n")
+        tag, _, user, password = client.recv(4096).split()[:4]
+        backend = _backend(backend_host, imap_backend)
+        backend.recv(4096)
+        backend.sendall(b"%s LOGIN %s %s\r\n" % (tag, user, password))
+        client.sendall(backend.recv(4096))
+        _Relay(client, backend)
+
+    def pop3(client, _address):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.sendall(b"+OK floor ready\r\n")
+        user = client.recv(4096).split()[1]
+        client.sendall(b"+OK\r\n")
+        password = client.recv(4096).split()[1]
+        backend = _backend(backend_host, pop3_backend)
+        backend.recv(4096)
+        backend.sendall(b"USER %s\r\n" % user)
+        backend.recv(4096)
+        backend.sendall(b"PASS %s\r\n" % password)
+        client.sendall(backend.recv(4096))
+        _Relay(client, backend)
+
+    for port, handle in ((imap_port, imap), (pop3_port, pop3)):
+        server = StreamServer(("127.0.0.1", port), handle)
+        server.max_accept = 1
+        server.start()
+    print("ready", flush=True)
+    gevent.wait()
+
+
+if __name__ == "__main__":
+    host, *ports = sys.argv[1:]
+    serve(host, *(int(p) for p in ports))
