@@ -41,6 +41,7 @@ bench: venv
 	$(PY) -m bench
 	$(PY) -m bench.metrics_cost
 	$(PY) -m bench.tls
+	$(PY) -m bench.floor
 
 # Submission messages/s through the gateway and direct (needs root: a private Postfix).
 bench-smtp: venv
