@@ -313,7 +313,7 @@ class Relay:
         try:
             callback()
         except Exception:  # noqa: BLE001
-            log.exception("session=%s relay error", self.session.id)
+            log.exception("session=%s relay error", getattr(self.session, "id", "-"))
             self.finish("gateway", "internal error")
 
     def send_to_client(self, data: bytes) -> None:
@@ -342,3 +342,7 @@ class Relay:
                 except OSError:
                     pass
             self.session.relay_closed()
+            # No cycle left (session <-> relay <-> directions): reference counting frees the
+            # session's objects now, not the cycle collector later.  A TLS direction's late
+            # callback still finds its relay, ``finishing``, and returns.
+            self.up = self.down = self.session = None
