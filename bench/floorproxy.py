@@ -1,16 +1,19 @@
 """The floor of mailgate's shape: the least a gevent proxy does per IMAP and POP3 login.
 
 One process, a greenlet per connection until its login is done, then the bytes move in
-event-loop callbacks on the raw descriptors (mailgate's relay, stripped).  No directory, no
-limits, no ID or XCLIENT, no timeouts, no logs or metrics, one fixed back-end, LOGIN with
-its arguments passed through as the client typed them.  It is not a proxy anyone should
-run: it exists so that ``python -m bench.floor`` can show how much of mailgate's cost per
-session is Python and gevent themselves, and how much is mailgate.
+event-loop callbacks on the raw descriptors (mailgate's relay, stripped).  Toward the
+back-end it says what mailgate says (IMAP: ID with the client's address and LOGIN with
+LITERAL+ literals, pipelined; POP3: CAPA, XCLIENT, AUTH PLAIN), so Dovecot does the same work
+behind both; but no directory, no limits, no timeouts, no parsing beyond splitting the
+client's line, no logs or metrics, one fixed back-end.  It is not a proxy anyone should run:
+it exists so that ``python -m bench.floor`` can show how much of mailgate's cost per session
+is Python and gevent themselves, and how much is mailgate.
 
     python -m bench.floorproxy BACKEND_HOST IMAP_PORT POP3_PORT LISTEN_IMAP LISTEN_POP3
 """
 from __future__ import annotations
 
+import base64
 import socket
 import sys
 
@@ -57,6 +60,14 @@ class _Relay:
         self.backend.close()
 
 
+def _until(sock, mark: bytes, data: bytes = b"\r\n") -> bytes:
+    """Read until ``mark`` is in ``data`` and it ends a line (``data`` starts with CRLF, so
+    a mark "CRLF tag SP" finds the tag on the first line too)."""
+    while mark not in data or not data.endswith(b"\r\n"):
+        data += sock.recv(4096)
+    return data
+
+
 def _backend(host: str, port: int):
     sock = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -66,17 +77,24 @@ def _backend(host: str, port: int):
 
 def serve(backend_host: str, imap_backend: int, pop3_backend: int, imap_port: int,
           pop3_port: int) -> None:
-    def imap(client, _address):
+    def imap(client, address):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.sendall(b"* OK floor ready\r\n")
         tag, _, user, password = client.recv(4096).split()[:4]
+        user, password = user.strip(b'"'), password.strip(b'"')
         backend = _backend(backend_host, imap_backend)
         backend.recv(4096)
-        backend.sendall(b"%s LOGIN %s %s\r\n" % (tag, user, password))
-        client.sendall(backend.recv(4096))
+        backend.sendall(
+            b'F1 ID ("x-originating-ip" "%s" "x-originating-port" "%d" "x-connected-ip" '
+            b'"127.0.0.1" "x-connected-port" "%d" "x-session-ext-id" "floor" '
+            b'"x-proxy-ttl" "4")\r\n%s LOGIN {%d+}\r\n%s {%d+}\r\n%s\r\n'
+            % (address[0].encode(), address[1], imap_port, tag, len(user), user,
+               len(password), password))
+        answers = _until(backend, b"\r\n" + tag + b" ")
+        client.sendall(answers[answers.index(b"\r\n" + tag + b" ") + 2:])
         _Relay(client, backend)
 
-    def pop3(client, _address):
+    def pop3(client, address):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.sendall(b"+OK floor ready\r\n")
         user = client.recv(4096).split()[1]
@@ -84,9 +102,13 @@ def serve(backend_host: str, imap_backend: int, pop3_backend: int, imap_port: in
         password = client.recv(4096).split()[1]
         backend = _backend(backend_host, pop3_backend)
         backend.recv(4096)
-        backend.sendall(b"USER %s\r\n" % user)
+        backend.sendall(b"CAPA\r\n")
+        _until(backend, b"\r\n.\r\n")
+        backend.sendall(b"XCLIENT ADDR=%s PORT=%d SESSION=floor\r\n"
+                        % (address[0].encode(), address[1]))
         backend.recv(4096)
-        backend.sendall(b"PASS %s\r\n" % password)
+        backend.sendall(b"AUTH PLAIN %s\r\n"
+                        % base64.b64encode(b"\0" + user + b"\0" + password))
         client.sendall(backend.recv(4096))
         _Relay(client, backend)
 

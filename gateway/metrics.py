@@ -84,7 +84,7 @@ class _Families:
         self.backend_errors = Counter("mailgate_backend_connect_errors",
                                       "Back-end connect failures", ["backend"])
         self.backend_seconds = Histogram("mailgate_backend_connect_seconds",
-                                         "Back-end TCP connect latency", ["backend"],
+                                         "Back-end connect latency (plain TCP: until its greeting)", ["backend"],
                                          buckets=CONNECT_BUCKETS)
         self.referrals = Counter("mailgate_referrals_followed",
                                  "IMAP referrals followed for a client", ["kind"])

@@ -9,8 +9,8 @@ routing relay's links).  It carries the bounds every read must have:
 * size: the framer bounds lines and literals; the reader holds at most one ``recv`` worth of
   unframed bytes;
 * fairness: a peer whose bytes are always ready would never let gevent switch, so the reader
-  yields to the hub after ``PACE_SECONDS`` of work (the worker's other sessions and its
-  heartbeat keep running).
+  yields to the hub after ``PACE_SECONDS`` of reading without a wait (the worker's other
+  sessions and its heartbeat keep running); a read that waited has let them run already.
 
 Bytes are framed lazily, one line (or one literal's worth) at a time, only when an event is
 asked for, so whatever the owner has not asked for yet is still raw: ``leftover()`` hands it
