@@ -81,3 +81,20 @@ def test_floor_bench_prints_its_table_and_stops_everything(tmp_path):
             assert results[protocol][target]["errors"] == 0
             assert results[protocol][target]["sessions_per_s"] > 0
     assert not _processes_mentioning("bench.floorproxy")
+
+
+def test_ab_bench_compares_two_folders():
+    """``python -m bench.ab``: two gateways from two code folders (here the same one)."""
+    _require_servers()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--a", str(servers.REPO_ROOT), "--b",
+         str(servers.REPO_ROOT), "--rounds", "1", "--seconds", "0.5", "--clients", "4",
+         "--protocols", "imap"],
+        cwd=servers.REPO_ROOT, capture_output=True, text=True, timeout=180,
+        env=dict(os.environ, PYTHONPATH=str(servers.REPO_ROOT)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "imap B/A CPU per round" in done.stdout
+    assert "failed sessions" not in done.stderr
+    tmpdir = done.stdout.split("servers in ", 1)[1].split()[0]
+    assert not os.path.exists(tmpdir)
+    assert _processes_mentioning(tmpdir) == []

@@ -1,0 +1,92 @@
+"""Two versions of mailgate side by side: the same sessions through each, rounds interleaved.
+
+    git worktree add ../mailgate-before <revision>
+    python -m bench.ab --a ../mailgate-before --b . [--rounds 4] [--seconds 4] [--workers 1]
+
+On a shared, noisy machine the CPU a session costs moves by 10 to 20 % from one minute to
+the next; two gateways (code from the two folders) behind the same Dovecot, each with its own
+Redis, measured in alternating rounds (A B, B A, ...) see the same minutes, so the ratio B/A
+per round is steady where the absolute figures are not.  Prints CPU µs per session and
+sessions/s of each, the ratio per round and its median, and system calls per session.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import servers  # tests/servers.py (on sys.path, see bench/__init__.py)
+from bench import scenarios
+from bench.stack import BACKEND, Stack, Target
+
+
+def _gateway(stack: Stack, name: str, root: Path, workers: int) -> Target:
+    """A gateway started from the code in ``root`` (servers.REPO_ROOT is where it runs)."""
+    dovecot = stack.dovecot
+    saved = servers.REPO_ROOT
+    servers.REPO_ROOT = root
+    try:
+        redis = stack.enter_context(servers.RedisServer(stack._tmp(f"redis-{name}")))
+        gateway = servers.GatewayProcess(
+            stack._tmp(f"gateway-{name}"),
+            backends={BACKEND: (dovecot.host, dovecot.imap_port, dovecot.pop3_port)},
+            redis_url=redis.url, workers=workers, protocols=("imap", "pop3"))
+        stack.enter_context(gateway)
+    finally:
+        servers.REPO_ROOT = saved
+    gateway.route({login: BACKEND for login in stack.users})
+    return Target(name, gateway.host, gateway.imap_port, gateway.pop3_port, gateway.pid,
+                  redis.pid)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--a", type=Path, required=True, help="folder of version A")
+    parser.add_argument("--b", type=Path, required=True, help="folder of version B")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--protocols", default="imap,pop3")
+    args = parser.parse_args(argv)
+    roots = {"A": args.a.resolve(), "B": args.b.resolve()}
+    for root in roots.values():
+        if not (root / "gateway" / "__main__.py").exists():
+            parser.error(f"{root}: not a mailgate folder")
+    with Stack(32, ("direct",), workers=args.workers) as stack:
+        print(f"servers in {stack.tmpdir}", flush=True)
+        targets = {name: _gateway(stack, name, root, args.workers)
+                   for name, root in roots.items()}
+        for protocol in args.protocols.split(","):
+            cpu = {name: [] for name in targets}
+            rate = {name: [] for name in targets}
+            for turn in range(max(1, args.rounds)):
+                order = list(targets) if turn % 2 == 0 else list(reversed(list(targets)))
+                for name in order:
+                    result = scenarios.sessions(targets[name], stack, args.clients,
+                                                args.seconds, protocol)
+                    if result["errors"]:
+                        print(f"{protocol} {name}: {result['errors']} failed sessions "
+                              f"({result['first_error']})", file=sys.stderr)
+                    cpu[name].append(result["total_cpu_us_per_session"])
+                    rate[name].append(result["sessions_per_s"])
+            for name in targets:
+                print(f"{protocol} {name} ({roots[name]}): CPU us/session "
+                      f"{'/'.join(f'{c:.0f}' for c in cpu[name])} "
+                      f"(median {statistics.median(cpu[name]):.0f}), sessions/s median "
+                      f"{statistics.median(rate[name]):.0f}")
+            ratios = [b / a for a, b in zip(cpu["A"], cpu["B"])]
+            print(f"{protocol} B/A CPU per round {' '.join(f'{r:.3f}' for r in ratios)} "
+                  f"(median {statistics.median(ratios):.3f})")
+            for name, target in targets.items():
+                calls = scenarios.syscalls(target, stack, 10, 3, protocol)
+                if calls.get("per_session") is not None:
+                    print(f"{protocol} {name} system calls per session "
+                          f"{calls['per_session']:.1f} {calls['top_per_session']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
