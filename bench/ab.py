@@ -31,7 +31,8 @@ def _gateway(stack: Stack, name: str, root: Path, workers: int) -> Target:
         gateway = servers.GatewayProcess(
             stack._tmp(f"gateway-{name}"),
             backends={BACKEND: (dovecot.host, dovecot.imap_port, dovecot.pop3_port)},
-            redis_url=redis.url, workers=workers, protocols=("imap", "pop3"))
+            redis_url=redis.url, workers=workers, protocols=("imap", "pop3"),
+            server_overrides={"log_level": "info"})     # as in python -m bench
         stack.enter_context(gateway)
     finally:
         servers.REPO_ROOT = saved
