@@ -492,3 +492,38 @@ def test_command_round_trip(args, seed):
     stream = b"t1 XCMD " + b" ".join(serialize(t) for t in args) + b"\r\n"
     (parts,) = messages(stream, f"random{seed}")
     assert shape(parse_command(parts, max_args=10_000)) == shape(Command("t1", "XCMD", expect(args)))
+
+
+# -- the one-line status fast path of parse_response ------------------------------------------
+
+from gateway.imap import parser  # noqa: E402
+
+_PIECES = [b"*", b"* ", b"a1", b"MG2", b"+", b" ", b"  ", b"OK", b"ok", b"NO", b"BAD", b"BYE",
+           b"PREAUTH", b"OKAY", b"CAPABILITY", b"5", b"[", b"]", b"[CAPABILITY IMAP4rev1 ID]",
+           b"[REFERRAL imap://h/]", b'"', b'"x]y"', b"\\", b"{5}", b"{5+}", b"}", b"text",
+           b"\xc3\xa9", b"\x00", b"\t", b"(", b")", b"%"]
+
+
+def _outcome(parse, line: bytes):
+    try:
+        return parse([line])
+    except ParseError as exc:
+        return ("ParseError", str(exc))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=8), st.sampled_from([b"\r\n", b"\n", b""]))
+def test_the_status_fast_path_answers_as_the_whole_parse(pieces, end):
+    line = b"".join(pieces) + end
+    assert _outcome(parser.parse_response, line) == _outcome(parser._parse_response, line)
+
+
+def test_dovecot_login_answers_take_the_fast_path_with_the_same_result():
+    for line in (b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ "
+                 b"AUTH=PLAIN] Dovecot (Debian) ready.\r\n",
+                 b"MG1 OK ID completed (0.001 + 0.000 secs).\r\n",
+                 b'MG2 OK [CAPABILITY IMAP4rev1 SASL-IR ID] Logged in\r\n',
+                 b"MG2 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+                 b'* BYE [REFERRAL imap://u@h/] go "there"\r\n'):
+        assert parser._STATUS_HEAD.match(parser._strip_eol(line))
+        assert parser.parse_response([line]) == parser._parse_response([line])
