@@ -3,7 +3,7 @@ connection, without a new greenlet per connection.
 
 gevent's ``Pool`` makes a ``Greenlet`` for every connection, and on CPython 3.11 every new
 greenlet also gets its own 16 KiB Python frame stack: an mmap when it starts and a munmap
-when it ends, about 13 us and two system calls per login (measured in bench/README).  A
+when it ends, about 13 us and two system calls per login (README, Benchmarks).  A
 runner serves a connection to its end (the dialogue and the login; a logged-in session goes
 on in the event-loop relay), then waits for the next one.  Up to ``keep`` idle runners are
 kept; more are made when more connections arrive at once.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 import gevent
-from gevent import Greenlet, get_hub
+from gevent import Greenlet, GreenletExit, get_hub
 from gevent.event import Event
 
 
@@ -64,14 +64,27 @@ class Runners:
                 if len(self.idle) >= self.keep:
                     return
                 self.idle.append(me)
-                try:
-                    func, args = self.hub.switch()      # the next connection (spawn)
-                except BaseException:   # noqa: BLE001 - killed while idle: the pool's kill,
-                    return              # or a late kill meant for the session it has ended
+                func, args = self._next()
         finally:
             self.live.discard(me)
             if me in self.idle:
                 self.idle.remove(me)
+
+    def _next(self):
+        """Wait, idle, for the next call (``spawn`` switches here with it).
+
+        A kill meant for the session this runner has ended (gateway.session's hang-up watch
+        during a back-end login, or the routing relay's) can arrive now: it is dropped, and
+        the runner goes on waiting.  Its next call may already be on its way: ``spawn`` took
+        it off the idle list and scheduled the switch after that kill.  GreenletExit (the
+        worker's ``kill``) ends the runner."""
+        while True:
+            try:
+                return self.hub.switch()
+            except GreenletExit:
+                raise
+            except BaseException:   # noqa: BLE001 - see above
+                continue
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no call is running (idle runners do not count)."""

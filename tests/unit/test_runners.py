@@ -60,17 +60,32 @@ def test_a_failing_call_is_reported_and_the_runner_goes_on(capsys):
     assert "a bug in one session" in capsys.readouterr().err
 
 
-def test_a_late_kill_ends_an_idle_runner_quietly():
+def test_a_late_kill_reaching_an_idle_runner_is_dropped():
     """A kill scheduled for a session that has already ended (gateway.session's hang-up watch
-    during a login) reaches the runner idle: it ends, the next call gets a new runner."""
+    during a login) reaches the runner idle: it is dropped and the runner serves on."""
     runners = Runners()
     runner = runners.spawn(lambda: None)
     assert runners.join(5)
-    runner.kill(RuntimeError("meant for the last session"), block=True)
-    assert not runners.idle and not runners.live
+    runner.kill(RuntimeError("meant for the last session"), block=False)
+    gevent.sleep(0)
+    assert runners.idle == [runner] and not runner.dead
     done = []
-    runners.spawn(done.append, 1)
-    assert runners.join(5) and done == [1]
+    assert runners.spawn(lambda: done.append(gevent.getcurrent())) is runner
+    assert runners.join(5) and done == [runner]
+
+
+def test_a_late_kill_queued_before_the_next_call_loses_nothing():
+    """The order of a race under load: the kill (meant for the session the runner has just
+    ended) is queued, then a new connection is handed to the same idle runner before the
+    loop runs the kill.  The kill is dropped and the new call is served."""
+    runners = Runners()
+    runner = runners.spawn(lambda: None)
+    assert runners.join(5)
+    done = []
+    runner.kill(RuntimeError("meant for the last session"), block=False)   # queued first
+    assert runners.spawn(done.append, "B") is runner                       # then the call
+    assert runners.join(5) and done == ["B"]
+    assert not runner.dead and runners.idle == [runner]
 
 
 def test_kill_ends_busy_and_idle_runners():
