@@ -83,9 +83,10 @@ class _Families:
                                         buckets=LOOKUP_BUCKETS)
         self.backend_errors = Counter("mailgate_backend_connect_errors",
                                       "Back-end connect failures", ["backend"])
-        self.backend_seconds = Histogram("mailgate_backend_connect_seconds",
-                                         "Back-end connect latency (plain TCP: until its greeting)", ["backend"],
-                                         buckets=CONNECT_BUCKETS)
+        self.backend_seconds = Histogram(
+            "mailgate_backend_connect_seconds",
+            "Back-end connect latency (plain TCP: until its greeting)", ["backend"],
+            buckets=CONNECT_BUCKETS)
         self.referrals = Counter("mailgate_referrals_followed",
                                  "IMAP referrals followed for a client", ["kind"])
         self.kicked = Counter("mailgate_sessions_kicked",
