@@ -33,6 +33,8 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(FORMAT))
     root.addHandler(handler)
+    global _direct
+    _direct = handler if fmt == "text" else None
     root.setLevel(level.upper())
     # No format here names the caller's file, line or function: skip the stack walk that
     # finds them for every record (the logging module's own switch for this); nor a thread
@@ -69,11 +71,15 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record, datefmt=None) -> str:  # noqa: N802 - logging's name
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
+        return self.time_text(record.created)
+
+    def time_text(self, created: float) -> str:
+        """``asctime`` of a record made at ``created`` (logging's msecs: the truncated ms)."""
+        second = int(created)
         if second != self._second:
-            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created))
+            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
             self._second = second
-        return f"{self._prefix},{int(record.msecs):03d}"
+        return f"{self._prefix},{int((created - second) * 1000):03d}"
 
 
 class _Event:
@@ -92,10 +98,47 @@ class _Event:
         return " ".join(parts)
 
 
+_direct: logging.StreamHandler | None = None   # setup()'s handler, for text lines
+
+
 def event(logger: logging.Logger, level: int, name: str, **fields) -> None:
-    """Log one structured event (``fields`` values: str, int, float, bool or None)."""
-    if logger.isEnabledFor(level):
-        logger.log(level, _Event(name, fields))
+    """Log one structured event (``fields`` values: str, int, float, bool or None).
+
+    Every session ends with one: while setup()'s text handler is the only one the event
+    would reach, the line is written as that handler would write it, without the logging
+    module's record and handler chain (a third of the line's cost); anything else (JSON,
+    another handler or a filter somewhere, as in a test capturing logs) goes through it."""
+    if not logger.isEnabledFor(level):
+        return
+    message = _Event(name, fields)
+    handler = _direct
+    if handler is not None and level >= handler.level and _reaches_only(logger, handler):
+        line = (f"{handler.formatter.time_text(time.time())} {logging.getLevelName(level)} "
+                f"[{_pid}] {logger.name}: {message}\n")
+        handler.acquire()
+        try:
+            handler.stream.write(line)
+            handler.stream.flush()
+            return
+        except Exception:  # noqa: BLE001 - the logging module reports the failure
+            pass
+        finally:
+            handler.release()
+    logger.log(level, message)
+
+
+def _reaches_only(logger: logging.Logger, handler: logging.Handler) -> bool:
+    """Whether a record of ``logger`` would reach ``handler`` alone, and no filter."""
+    node = logger
+    while node is not None:
+        if node.filters:
+            return False
+        if node.handlers:
+            return node.parent is None and node.handlers == [handler] and not handler.filters
+        if not node.propagate:
+            return False
+        node = node.parent
+    return False
 
 
 def readable(text: str) -> str:
