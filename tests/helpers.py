@@ -2,9 +2,32 @@
 from __future__ import annotations
 
 import contextlib
+import random
+import re
 import socket
 import threading
 import time
+
+# How the replay tests cut a stream: as a network might deliver it.
+SPLIT_MODES = ["whole", "lines", "bytes", "random1", "random2", "random3"]
+
+
+def split(stream: bytes, mode: str) -> list[bytes]:
+    """``stream`` cut by ``mode`` (one of SPLIT_MODES): whole, at each line end, byte by
+    byte, or in random chunks of 1 to 9 bytes (seeded by the mode's number)."""
+    if mode == "whole":
+        return [stream]
+    if mode == "lines":
+        return [piece for piece in re.split(rb"(?<=\n)", stream) if piece]
+    if mode == "bytes":
+        return [stream[i:i + 1] for i in range(len(stream))]
+    rng = random.Random(int(mode[len("random"):]))
+    pieces, pos = [], 0
+    while pos < len(stream):
+        size = rng.randint(1, 9)
+        pieces.append(stream[pos:pos + size])
+        pos += size
+    return pieces
 
 
 class Tripwire:

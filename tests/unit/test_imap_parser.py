@@ -3,7 +3,6 @@ plus hypothesis on arbitrary bytes, for gateway.imap.parser."""
 
 from __future__ import annotations
 
-import random
 import re
 
 import pytest
@@ -15,27 +14,9 @@ from gateway.imap.parser import (
     ParseError, Response, ResponseCode, capabilities, parse_command, parse_response,
 )
 
+from helpers import SPLIT_MODES as MODES, split
+
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-MODES = ["whole", "lines", "bytes", "random1", "random2", "random3"]
-
-
-# ------------------------------------------------------------------------------ replay
-
-def split(stream: bytes, mode: str) -> list[bytes]:
-    """The stream cut as a network might deliver it."""
-    if mode == "whole":
-        return [stream]
-    if mode == "lines":
-        return [piece for piece in re.split(rb"(?<=\n)", stream) if piece]
-    if mode == "bytes":
-        return [stream[i:i + 1] for i in range(len(stream))]
-    rng = random.Random(int(mode[len("random"):]))
-    pieces, pos = [], 0
-    while pos < len(stream):
-        size = rng.randint(1, 9)
-        pieces.append(stream[pos:pos + size])
-        pos += size
-    return pieces
 
 
 def normalize(events: list, chunk: int) -> list[tuple]:

@@ -2,7 +2,6 @@
 plus hypothesis on arbitrary bytes, for gateway.smtp.framer."""
 from __future__ import annotations
 
-import random
 import re
 
 import pytest
@@ -13,25 +12,9 @@ from gateway.smtp.framer import (
     MAX_COMMAND_LINE, LineFramer, Reply, ReplyError, ReplyFramer, TooLong, Transactions,
 )
 
+from helpers import SPLIT_MODES as MODES, split
+
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-MODES = ["whole", "lines", "bytes", "random1", "random2", "random3"]
-
-
-def split(stream: bytes, mode: str) -> list[bytes]:
-    """The stream cut as a network might deliver it."""
-    if mode == "whole":
-        return [stream]
-    if mode == "lines":
-        return [piece for piece in re.split(rb"(?<=\n)", stream) if piece]
-    if mode == "bytes":
-        return [stream[i:i + 1] for i in range(len(stream))]
-    rng = random.Random(int(mode[len("random"):]))
-    pieces, pos = [], 0
-    while pos < len(stream):
-        size = rng.randint(1, 9)
-        pieces.append(stream[pos:pos + size])
-        pos += size
-    return pieces
 
 
 # -- lines ---------------------------------------------------------------------------------
