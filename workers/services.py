@@ -24,6 +24,15 @@ import time
 log = logging.getLogger("mailgate.services")
 
 
+def _reaped(process, pid: int, status: int) -> int | None:
+    """The exit code when ``pid`` (reaped by the master's waitpid) was ``process``, else
+    None; the code is recorded on the process object as Popen would."""
+    if process is None or pid != process.pid:
+        return None
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode
+
+
 def stop_process(process: subprocess.Popen | None, timeout: float) -> None:
     """TERM, wait, then KILL: a supervised child never outlives the master."""
     if process is None:
@@ -196,10 +205,9 @@ class CacheRefill:
 
     def reap(self, pid: int, status: int) -> bool:
         """True when pid was a refill run."""
-        if self.process is None or pid != self.process.pid:
+        code = _reaped(self.process, pid, status)
+        if code is None:
             return False
-        code = os.waitstatus_to_exitcode(status)
-        self.process.returncode = code
         self.process = None
         if code == 0:
             log.info("directory refill pid=%d done", pid)
@@ -263,10 +271,9 @@ class SyncJob:
 
     def reap(self, pid: int, status: int) -> bool:
         """True when pid was this job's run (reaped by the master's waitpid)."""
-        if self.process is None or pid != self.process.pid:
+        code = _reaped(self.process, pid, status)
+        if code is None:
             return False
-        code = os.waitstatus_to_exitcode(status)
-        self.process.returncode = code
         self.process = None
         self.next_run = time.monotonic() + self.interval
         if code == 0:
