@@ -142,6 +142,25 @@ def connect(backend_config: BackendConfig, protocol: str) -> socket.socket:
     return sock
 
 
+def backend_phase(backend_config: BackendConfig, protocol: str, log_in):
+    """``log_in(sock)`` on a new connection to the back-end (:func:`connect`), the whole
+    phase (connect, greeting, login) within the back-end's connect_timeout + login_timeout;
+    past it, LoginError UNAVAILABLE.  The protocols' one back-end deadline."""
+    import gevent     # (here: the master never imports gevent)
+    total = backend_config.connect_timeout + backend_config.login_timeout
+    timeout = gevent.Timeout(total)
+    timeout.start()
+    try:
+        return log_in(connect(backend_config, protocol))
+    except gevent.Timeout as exc:
+        if exc is not timeout:
+            raise
+        raise LoginError(Failure.UNAVAILABLE, f"backend {backend_config.name}: no login "
+                                              f"answer within {total:g}s") from None
+    finally:
+        timeout.close()
+
+
 def _connect(sock, address, timeout: float, until_greeting: bool = False) -> None:
     """``sock.connect(address)`` in at most ``timeout`` seconds with one connect(2), one wait
     and one SO_ERROR read (gevent's connect asks SO_ERROR first and connects a second time

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import gevent
 
 from gateway import sasl, session
 from gateway.imap import referrals
@@ -47,13 +46,8 @@ def open_backend(target: Target, credentials: Credentials,
                  id_fields: list[tuple[str, str]]) -> tuple[BackendConnection, Response]:
     """Connect to ``target`` and log in there (:func:`log_in`), the whole phase within the
     back-end's connect_timeout + login_timeout; raises LoginError (or Referred)."""
-    config = target.config
-    total = config.connect_timeout + config.login_timeout
-    timeout = gevent.Timeout(total, LoginError(
-        Failure.UNAVAILABLE, f"backend {config.name}: no login answer within {total:g}s"))
-    with timeout:
-        sock = session.connect(config, "imap")
-        return log_in(sock, target, credentials, id_fields)
+    return session.backend_phase(
+        target.config, "imap", lambda sock: log_in(sock, target, credentials, id_fields))
 
 
 def log_in(sock, target: Target, credentials: Credentials,

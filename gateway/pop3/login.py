@@ -8,11 +8,10 @@ connect_timeout + login_timeout.
 """
 from __future__ import annotations
 
-import gevent
 
 from gateway import sasl, session
 from gateway.pop3.backend import BackendConnection
-from gateway.session import Failure, LoginError, Target
+from gateway.session import Failure, Target
 
 MAX_CAPA_LINES = 100
 
@@ -26,12 +25,8 @@ def open_backend(target: Target, password: str, client_address: tuple[str, int, 
                  ) -> tuple[BackendConnection, bytes]:
     """Connect to ``target`` and log in (:func:`log_in`) within connect_timeout +
     login_timeout; returns the connection and the back-end's +OK line.  Raises LoginError."""
-    config = target.config
-    total = config.connect_timeout + config.login_timeout
-    with gevent.Timeout(total, LoginError(
-            Failure.UNAVAILABLE, f"backend {config.name}: no login answer within {total:g}s")):
-        sock = session.connect(config, "pop3")
-        return log_in(sock, target, password, client_address)
+    return session.backend_phase(
+        target.config, "pop3", lambda sock: log_in(sock, target, password, client_address))
 
 
 def log_in(sock, target: Target, password: str, client_address: tuple[str, int, str]

@@ -4,10 +4,9 @@ login vouched for with XCLIENT LOGIN=).  :func:`open_backend` bounds the whole p
 """
 from __future__ import annotations
 
-import gevent
 
 from gateway import session
-from gateway.session import Failure, LoginError, Target
+from gateway.session import Target
 from gateway.smtp.backend import SmtpBackend
 
 
@@ -15,12 +14,9 @@ def open_backend(target: Target, password: str | None, client: tuple[str, int, s
                  helo_name: str) -> SmtpBackend:
     """Connect to ``target``'s submission port and log in (:func:`log_in`) within
     connect_timeout + login_timeout; raises LoginError."""
-    config = target.config
-    total = config.connect_timeout + config.login_timeout
-    with gevent.Timeout(total, LoginError(
-            Failure.UNAVAILABLE, f"backend {config.name}: no login answer within {total:g}s")):
-        sock = session.connect(config, "submission")
-        return log_in(sock, target, password, client, helo_name)
+    return session.backend_phase(
+        target.config, "submission",
+        lambda sock: log_in(sock, target, password, client, helo_name))
 
 
 def log_in(sock, target: Target, password: str | None, client: tuple[str, int, str],
