@@ -113,8 +113,9 @@ def event(logger: logging.Logger, level: int, name: str, **fields) -> None:
     message = _Event(name, fields)
     handler = _direct
     if handler is not None and level >= handler.level and _reaches_only(logger, handler):
-        line = (f"{handler.formatter.time_text(time.time())} {logging.getLevelName(level)} "
-                f"[{_pid}] {logger.name}: {message}\n")
+        line = FORMAT % {"asctime": handler.formatter.time_text(time.time()),
+                         "levelname": logging.getLevelName(level), "process": _pid,
+                         "name": logger.name, "message": message} + "\n"
         handler.acquire()
         try:
             handler.stream.write(line)

@@ -504,24 +504,25 @@ def parse_response(parts: list[bytes]) -> Response:
     expression; anything else, or anything it is unsure of, goes the whole way
     (``_parse_response``): the same result either way (tests/unit/test_imap_parser.py).
     """
+    first = _strip_eol(bytes(parts[0])) if parts else b""
     if len(parts) == 1:
-        first = _strip_eol(bytes(parts[0]))
         head = _STATUS_HEAD.match(first)
         if head is not None and not first.endswith(b"}"):     # (a "}" may end a marker)
             tag, kind = head.group(1).decode("ascii"), head.group(2).decode("ascii").upper()
             if tag == "*" or kind in TAGGED_KINDS:
                 code, text = _split_code(first[head.end():])
                 return Response(tag, kind, code, text)
-    return _parse_response(parts)
+    return _parse_response(parts, first)
 
 
 # "* " or a tag, SP, a status keyword, then SP or the end (as _head reads them).
 _STATUS_HEAD = re.compile(rb"(\*|" + _TAG.pattern + rb") ((?i:OK|NO|BAD|BYE|PREAUTH))(?: |\Z)")
 
 
-def _parse_response(parts: list[bytes]) -> Response:
+def _parse_response(parts: list[bytes], first: bytes | None = None) -> Response:
     reader = _Reader(parts)
-    first = _strip_eol(bytes(parts[0]))     # reader.texts[0] is a prefix of it
+    if first is None:
+        first = _strip_eol(bytes(parts[0]))     # reader.texts[0] is a prefix of it
     if first.startswith(b"+"):                      # RFC 3501 §7.5 continue-req
         _no_literal(reader)
         rest = first[2:] if first.startswith(b"+ ") else first[1:]

@@ -117,7 +117,7 @@ def _walk(first: Target, open_target, policy: ReferralPolicy, session_id: str,
           kept: list) -> tuple[object, LoginError | None]:
     """follow()'s loop: (result, None) on success, else (None, the last failure)."""
     queue, visited, hops = [first], set(), 0
-    last_error = LoginError(Failure.UNAVAILABLE, "no target")
+    last_error = None      # (no error object is made on a login's way through)
     while queue:
         target = queue.pop(0)
         key = (target.config.address.lower(), target.config.imap_port)
@@ -143,4 +143,4 @@ def _walk(first: Target, open_target, policy: ReferralPolicy, session_id: str,
             last_error = exc
             if exc.failure is not Failure.UNAVAILABLE:
                 break        # a refused password is not retried at a replica
-    return None, last_error
+    return None, last_error or LoginError(Failure.UNAVAILABLE, "no target")
