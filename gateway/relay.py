@@ -13,13 +13,17 @@ sees every chunk the client sends before it is forwarded (the IMAP tracker); an 
 ``rewrite(view, size)`` returns what to send for a chunk the back-end sent (IMAP's capability
 filter: it returns the view itself while it has nothing to do, and says so with ``idle()``).
 
-Bulk data (a big FETCH) does not pass through Python at all: once a read fills the whole
-buffer, a direction nobody needs to see (upward: no ``observe``; downward: no ``rewrite``,
+Bulk data (a big FETCH) does not pass through Python at all: once a read fills half the
+buffer (``BULK``), a direction nobody needs to see (upward: no ``observe``; downward: no ``rewrite``,
 or one whose ``idle()`` is true at each wake-up) switches to ``splice(2)`` through one pipe
 per worker, socket → pipe → socket, up to ``PIPE_SIZE`` per wake-up; a short read, or a
-rewrite that has work again, switches it back.  The pipe is always empty between callbacks:
-what the other side cannot take at once is read out of it into the direction's pending
-bytes, as in the copying path.
+rewrite that has work again, switches it back.  The worker's pipe is empty between callbacks:
+when the other side cannot take all of it at once, the direction keeps that pipe with what
+is left in it (the worker takes a spare pipe or makes a new one for the next splice), stops
+reading, and splices the rest out as the other side takes it; then the pipe goes back to
+the spares.  So a slow reader of a big FETCH costs no copy through Python either.  At most
+``HELD_PIPES`` pipes are held per worker (two descriptors each); past that, what is left is
+read out into the direction's pending bytes, as in the copying path.
 """
 from __future__ import annotations
 
@@ -36,6 +40,10 @@ from gevent.socket import socket as _GeventSocket
 log = logging.getLogger("mailgate.relay")
 
 CHUNK = 65536
+# A read this big means bulk data: the next reads splice.  Not CHUNK itself: over loopback a
+# read often ends at one segment, 65,483 bytes, and a full-buffer test kept most of a big
+# FETCH in the copying path, switching back and forth.
+BULK = CHUNK // 2
 READ, WRITE = 1, 2
 _buffer = bytearray(CHUNK)
 _view = memoryview(_buffer)
@@ -44,25 +52,54 @@ PIPE_SIZE = 1 << 20        # bytes per splice wake-up (Linux's default pipe-max-
 _SPLICE = getattr(os, "splice", None)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _pipe: tuple[int, int] | None = None      # made on first use, in the worker (after fork)
+HELD_PIPES = 64            # pipes directions may hold with bytes a slow reader has yet to take
+SPARE_PIPES = 4            # empty pipes kept for reuse once given back
+_held = 0
+_spares: list[tuple[int, int]] = []
 # What a gevent socket wraps once the relay has taken its descriptor (gevent's own stand-in
 # for a closed socket: close() does nothing, any I/O raises EBADF).
 _HANDED_OVER = _closedsocket(-1, -1, -1, -1, "handed to the relay")
 
 
 def _splice_pipe() -> tuple[int, int] | None:
-    """The worker's pipe for splice (read end, write end), or None where splice is missing."""
-    global _pipe, _SPLICE
+    """The worker's pipe for splice (read end, write end), or None: splice is missing, or no
+    pipe can be made now (out of descriptors: the copying path serves meanwhile)."""
+    global _pipe
     if _pipe is None and _SPLICE is not None:
+        if _spares:
+            _pipe = _spares.pop()
+            return _pipe
         try:
             _pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            _SPLICE = None
             return None
         try:
             fcntl.fcntl(_pipe[1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass            # a smaller pipe only means more wake-ups
     return _pipe
+
+
+def _hold_pipe() -> tuple[int, int] | None:
+    """Take the worker's pipe, bytes and all, for a direction to splice out later; None when
+    HELD_PIPES are held already."""
+    global _pipe, _held
+    if _held >= HELD_PIPES or _pipe is None:
+        return None
+    held, _pipe = _pipe, None
+    _held += 1
+    return held
+
+
+def _give_back(pipe: tuple[int, int], empty: bool) -> None:
+    """A held pipe returns: kept as a spare when empty and there is room, else closed."""
+    global _held
+    _held -= 1
+    if empty and len(_spares) < SPARE_PIPES:
+        _spares.append(pipe)
+        return
+    for fd in pipe:
+        os.close(fd)
 
 
 class RelayEnd(Exception):
@@ -112,7 +149,7 @@ class _Direction:
     ``writer`` when it cannot take a chunk at once)."""
 
     __slots__ = ("relay", "src", "dst", "side", "peer", "reader", "writer", "pending", "upward",
-                 "splicing")
+                 "splicing", "held", "held_size")
 
     def __init__(self, relay: "Relay", src, dst, upward: bool, reader, writer):
         self.relay = relay
@@ -123,6 +160,8 @@ class _Direction:
         self.writer = writer
         self.pending = None
         self.splicing = False
+        self.held = None          # a pipe with held_size bytes the other side has yet to take
+        self.held_size = 0
 
     def on_readable(self) -> None:
         if self.splicing:
@@ -133,7 +172,7 @@ class _Direction:
         if not size:
             return
         account_read(relay, self.upward, size)
-        if size == CHUNK and self.may_splice():
+        if size >= BULK and self.may_splice():
             self.splicing = True      # bulk data: the next reads go socket → pipe → socket
         if self.upward or relay.rewrite is None:
             data = _view[:size]
@@ -172,7 +211,7 @@ class _Direction:
         if not size:
             return
         account_read(relay, self.upward, size, seen=False)
-        if size < CHUNK:
+        if size < BULK:
             self.splicing = False     # the bulk is over: small answers take the copying path
         sent = 0
         try:
@@ -189,10 +228,16 @@ class _Direction:
             _drain(pipe[0], size - sent)    # the next session must find the pipe empty
             raise
         if sent < size:
-            self.wait_writable(memoryview(_drain(pipe[0], size - sent)))
+            held = _hold_pipe()
+            if held is None:
+                self.wait_writable(memoryview(_drain(pipe[0], size - sent)))
+            else:
+                self.held, self.held_size = held, size - sent
+                self.wait_writable(None)
 
-    def wait_writable(self, pending: memoryview) -> None:
-        """Keep what the other side could not take; stop reading until it has taken it."""
+    def wait_writable(self, pending: memoryview | None) -> None:
+        """Keep what the other side could not take (``pending``, or the held pipe's bytes);
+        stop reading until it has taken it."""
         self.pending = pending
         self.reader.stop()
         if self.writer is None:
@@ -201,18 +246,34 @@ class _Direction:
 
     def on_writable(self) -> None:
         try:
-            sent = self.dst.send(self.pending)
+            if self.held is not None:
+                sent = _SPLICE(self.held[0], self.dst.fileno(), self.held_size,
+                               flags=_SPLICE_FLAGS)
+            else:
+                sent = self.dst.send(self.pending)
         except BlockingIOError:
             return
         except OSError as exc:
             self.relay.finish(self.peer, f"write error: {exc.strerror or exc}")
             return
         self.relay.session.last_activity = time.monotonic()   # a slow reader is not idle
-        self.pending = self.pending[sent:]
-        if not len(self.pending):
+        if self.held is not None:
+            self.held_size -= sent
+            if self.held_size:
+                return
+            held, self.held = self.held, None
+            _give_back(held, empty=True)
+        else:
+            self.pending = self.pending[sent:]
+            if len(self.pending):
+                return
             self.pending = None
-            self.writer.stop()
-            self.reader.start(self.relay.guard, self.on_readable)
+        self.writer.stop()
+        self.reader.start(self.relay.guard, self.on_readable)
+
+    def waiting(self) -> bool:
+        """Bytes the other side has yet to take are kept (in Python or in a held pipe)."""
+        return self.pending is not None or self.held is not None
 
     def stop(self) -> None:
         self.reader.stop()
@@ -220,6 +281,9 @@ class _Direction:
         if self.writer is not None:
             self.writer.stop()
             self.writer.close()
+        if self.held is not None:
+            held, self.held = self.held, None
+            _give_back(held, empty=False)      # its bytes go nowhere: the session has ended
 
 
 
@@ -318,7 +382,7 @@ class Relay:
 
     def send_to_client(self, data: bytes) -> None:
         """Best effort, for a goodbye line: only between chunks, never blocking."""
-        if self.done or self.down.pending is not None:
+        if self.done or self.down.waiting():
             return
         try:
             self.client.send(data)
