@@ -104,6 +104,7 @@ class LimitsConfig:
     auth_failure_window: float = 300.0     # failures are forgotten this long after the last
     auth_failure_max_delay: float = 15.0   # the growing delay stops growing here
     trusted_networks: tuple[str, ...] = ()  # CIDRs exempt from failure throttling
+    ipv6_prefix: int = 64                  # an IPv6 client counts as its /64 (one subscriber)
 
 
 @dataclass(frozen=True)
@@ -301,6 +302,8 @@ RANGES: dict[type, dict[str, Range]] = {
                                                        "address", zero="no limit"),
         "auth_failure_window": Range(1, 86400, "seconds failures are remembered"),
         "auth_failure_max_delay": Range(0, 300, "seconds; the growing delay stops there"),
+        "ipv6_prefix": Range(16, 128, "leading bits of an IPv6 client address that are one "
+                                      "client for the limits (64: one subscriber's network)"),
     },
     ProtocolConfig: {
         "preauth_timeout": Range(0.5, 3600, "idle seconds before login"),

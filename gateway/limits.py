@@ -33,6 +33,9 @@ others may come from the worker's recent answers.  Until a worker's subscription
 has read the failures already recorded) it checks every address.  The price: failures on
 other hosts are seen after the pub/sub latency, so a burst spread over hosts can pass the
 limit by the attempts made in that time.
+
+An "address" here is the client as the limits count it (``client_key``): an IPv4 address,
+or an IPv6 client's network of ``ipv6_prefix`` bits (default /64).
 """
 from __future__ import annotations
 
@@ -105,6 +108,26 @@ if not record then
 end
 return {generation, record, negative, status, fail_address, fail_pair}
 """
+
+
+def client_key(address: str, ipv6_prefix: int = 128) -> str:
+    """The client a limit counts for ``address``: an IPv4 address itself, an IPv6 one as
+    its network of ``ipv6_prefix`` bits ("2001:db8:1:2::/64"), so that one subscriber,
+    who holds a whole /64 and may pick any address in it for each connection, is one
+    client (Dovecot's auth penalty groups IPv6 by /48 for the same reason).  An
+    IPv4-mapped address (``::ffff:192.0.2.1``, a dual-stack listener) is its IPv4 address;
+    anything else (a Unix socket's path) is kept as it is."""
+    if ":" not in address:
+        return address          # IPv4, the common case: nothing to parse
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ipv6_prefix >= 128:
+        return str(ip)
+    return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
 
 
 class FailedAddresses:
@@ -206,7 +229,8 @@ class Limits:
                            self.redis.scan_iter(match=f"{PREFIX}fail:*", count=1000)])
 
     def admission(self, address: str, session_id: str) -> "Admission":
-        return Admission(self, address, f"{self.host}:{session_id}", self.is_trusted(address))
+        return Admission(self, client_key(address, self.settings.ipv6_prefix),
+                         f"{self.host}:{session_id}", self.is_trusted(address))
 
     def is_trusted(self, address: str) -> bool:
         if not self.trusted:

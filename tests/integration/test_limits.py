@@ -204,3 +204,30 @@ def monitored_logins(redis, gateway, count: int) -> list[str]:
         client.get("mailgate:stop")
     thread.join(10)
     return [c.split()[0].upper() for c in seen]
+
+
+def test_an_ipv6_client_is_its_64_for_throttling(make_gateway):
+    """One subscriber holds a whole /64 and may pick a new address for every connection:
+    throttling counts the /64 ([limits] ipv6_prefix).  The addresses come in PROXY headers,
+    as a load balancer sends them."""
+    gateway = make_gateway(
+        routes={ALICE: "A"},
+        listeners={"imap": {"protocol": "imap", "proxy_protocol": True}},
+        sections={"limits": {"auth_failures_per_login": 2, "auth_failure_max_delay": 0.1}},
+        server_overrides={"auth_failure_delay": 0.01})
+
+    def answer(source: str, password: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", gateway.ports["imap"]), timeout=15) as raw:
+            raw.sendall(b"PROXY TCP6 %s ::1 40000 143\r\na LOGIN %s \"%s\"\r\n"
+                        % (source.encode(), ALICE.encode(), password.encode()))
+            data = b""
+            while b"\r\na " not in data:
+                piece = raw.recv(4096)
+                assert piece, data
+                data += piece
+            return data.split(b"\r\na ", 1)[1]
+
+    for host in ("2001:db8:1:2::a", "2001:db8:1:2::b"):        # two addresses, one /64
+        assert b"AUTHENTICATIONFAILED" in answer(host, "wrong")
+    assert b"[LIMIT]" in answer("2001:db8:1:2:ffff::c", ALICE_PW)   # a third: still refused
+    assert answer("2001:db8:1:3::a", ALICE_PW).startswith(b"OK")    # the next /64 is not
