@@ -37,7 +37,7 @@ class Service:
         self.sessions: set = set()
         self.draining = False          # the gateway is stopping: /healthz answers 503
         from gateway import tls
-        self.tls_context = tls.server_context(config)   # after fork: each worker its own
+        self.tls_context = tls.server_context(config)   # the master's (tls.preload)
         self.max_sessions = config.server.max_connections
         self.room_callbacks: list = []   # called when a full worker has room again
         self._ids = itertools.count(1)

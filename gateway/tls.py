@@ -8,8 +8,10 @@ The API other modules use (IMAP/POP3 here, SMTP submission too):
   ``preload(config)`` at start and on HUP: the PEM bytes are kept in memory and inherited by
   the workers it forks, so a certificate replaced by a broken one on disk is logged on HUP
   and the old one stays in use, also for workers respawned later.
-* ``server_context(config) -> ServerContext``: the contexts of one worker (default
-  certificate plus ``[[tls.certificates]]`` chosen by SNI), built once after fork.
+* ``server_context(config) -> ServerContext``: the worker's contexts (default certificate
+  plus ``[[tls.certificates]]`` chosen by SNI): the ones ``preload`` made in the master
+  before the fork when the ``[tls]`` section is the same, so the workers of one generation
+  share their session ticket keys.
 * ``wrap_server(sock, server_ctx, timeout) -> TlsConnection``: the server handshake on an
   accepted socket, bounded by ``timeout`` in total (raises ``TlsHandshakeError``).
 * ``wrap_client(sock, backend, timeout) -> TlsConnection``: the client handshake to a
@@ -144,15 +146,22 @@ def _material_key(tls_config) -> tuple:
 
 
 _preloaded: Material | None = None
+_prebuilt: tuple | None = None     # (the [tls] section, its ServerContext), made by preload
 
 
 def preload(config) -> None:
-    """Read the certificates now (the master, at start and on HUP); raises TlsError and then
-    keeps what was loaded before.  Forked workers inherit the result."""
-    global _preloaded
+    """Read the certificates and make the server contexts now (the master, at start and on
+    HUP); raises TlsError and then keeps what was loaded before.  Forked workers inherit
+    both: OpenSSL makes a context's session ticket keys when it makes the context, so the
+    workers of one generation share them and a client resumes its TLS session on whichever
+    worker the kernel hands its next connection to (each worker's own contexts would
+    resume on one worker in N).  A HUP makes new contexts, hence new ticket keys."""
+    global _preloaded, _prebuilt
     if not needs_server_tls(config):
         return
-    _preloaded = load_material(config.tls)
+    material = load_material(config.tls)
+    context = ServerContext(config.tls, material)
+    _preloaded, _prebuilt = material, (config.tls, context)
 
 
 def check(config) -> None:
@@ -229,6 +238,8 @@ def server_context(config) -> ServerContext | None:
     """The worker's server contexts (None when no listener uses TLS)."""
     if not needs_server_tls(config):
         return None
+    if _prebuilt is not None and _prebuilt[0] == config.tls:
+        return _prebuilt[1]
     material = _preloaded
     if material is None or material.key != _material_key(config.tls):
         material = load_material(config.tls)

@@ -48,8 +48,7 @@ def tls_sections(ca, tmp) -> tuple[dict, str]:
 @pytest.fixture(scope="module")
 def tls_gateway(tmp_path_factory, redis_server, dovecot_a, dovecot_b, ca):
     sections, extra = tls_sections(ca, tmp_path_factory.mktemp("tlscerts"))
-    # One worker: TLS sessions resume within a worker (each has its own cache and ticket
-    # keys), and 200 handshakes at once then all meet the same gevent loop.
+    # One worker: 200 handshakes at once all meet the same gevent loop.
     gw = _spawn_gateway(tmp_path_factory, redis_server, dovecot_a, dovecot_b, workers=1,
                         listeners=tls_listeners(), sections=sections, extra_toml=extra)
     try:
@@ -240,6 +239,51 @@ def test_tls_1_1_refused_and_session_resumed(tls_gateway, ca):
                 if attempt:
                     assert tls.session_reused
                 session = tls.session
+
+
+def test_sessions_resume_on_any_worker(tmp_path_factory, redis_server, dovecot_a, dovecot_b,
+                                       ca):
+    """The server contexts (and so the session ticket keys) are made in the master before
+    the fork: a client resumes on whichever worker takes its connection.  One connection
+    per worker ([server] max_connections = 1: a full worker stops accepting), each held
+    open until the next is up, so that no two in a row meet the same worker."""
+    sections, extra = tls_sections(ca, tmp_path_factory.mktemp("tlscerts-workers"))
+    gw = _spawn_gateway(tmp_path_factory, redis_server, dovecot_a, dovecot_b, workers=3,
+                        listeners=tls_listeners(), sections=sections, extra_toml=extra,
+                        server_overrides={"max_connections": 1})
+    try:
+        gw.start()
+        context = client_context(ca)
+        session, held, reused, addresses = None, None, [], []
+        for attempt in range(8):
+            raw = socket.create_connection(("127.0.0.1", gw.ports["imaps"]), 10)
+            tls = context.wrap_socket(raw, session=session)
+            assert tls.recv(4096).startswith(b"* OK")   # TLS 1.3 tickets come before it
+            if attempt:
+                reused.append(tls.session_reused)
+            session = tls.session
+            addresses.append(tls.getsockname())
+            if held is not None:
+                held.close()
+            held = tls
+        held.close()
+        assert all(reused), reused
+        pids = [_serving_pid(gw, address) for address in addresses]
+        assert all(a != b for a, b in zip(pids, pids[1:])), pids
+    finally:
+        gw.stop()
+
+
+def _serving_pid(gateway, address) -> int:
+    """The worker that served the client at ``address`` (its session-end log line)."""
+    marker = "client=%s port=%d " % tuple(address)[:2]
+    deadline = time.monotonic() + 15
+    while True:
+        for line in gateway.log_text().splitlines():
+            if marker in line and "event=session-end" in line:
+                return int(line.split("[", 1)[1].split("]", 1)[0])
+        assert time.monotonic() < deadline, f"no session line with {marker}"
+        time.sleep(0.05)
 
 
 def test_many_concurrent_handshakes(tls_gateway, ca):
