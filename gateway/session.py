@@ -146,19 +146,26 @@ def backend_phase(backend_config: BackendConfig, protocol: str, log_in):
     """``log_in(sock)`` on a new connection to the back-end (:func:`connect`), the whole
     phase (connect, greeting, login) within the back-end's connect_timeout + login_timeout;
     past it, LoginError UNAVAILABLE.  The protocols' one back-end deadline."""
-    import gevent     # (here: the master never imports gevent)
+    from gevent import get_hub, getcurrent     # (here: the master never imports gevent)
     total = backend_config.connect_timeout + backend_config.login_timeout
-    timeout = gevent.Timeout(total)
-    timeout.start()
+    # A bare timer (a gevent.Timeout costs three times as much), throwing a BaseException
+    # as Timeout does: no ``except Exception`` on the way may take it for its own error.
+    expired = _PhaseExpired()
+    timer = get_hub().loop.timer(total, priority=-1)
+    timer.start(getcurrent().throw, expired, update=True)
     try:
         return log_in(connect(backend_config, protocol))
-    except gevent.Timeout as exc:
-        if exc is not timeout:
+    except _PhaseExpired as exc:
+        if exc is not expired:
             raise
         raise LoginError(Failure.UNAVAILABLE, f"backend {backend_config.name}: no login "
                                               f"answer within {total:g}s") from None
     finally:
-        timeout.close()
+        timer.close()
+
+
+class _PhaseExpired(BaseException):
+    """backend_phase's deadline passed (thrown into the session's greenlet)."""
 
 
 def _connect(sock, address, timeout: float, until_greeting: bool = False) -> None:
@@ -176,8 +183,8 @@ def _connect(sock, address, timeout: float, until_greeting: bool = False) -> Non
     sock.settimeout(0.0)
     error = sock.connect_ex(address)
     if error in (errno.EINPROGRESS, errno.EAGAIN):
-        from gevent.socket import wait
-        wait(watcher, timeout, socket.timeout("timed out"))
+        from gateway.stream import wait_io
+        wait_io(watcher, timeout, socket.timeout("timed out"))
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))
