@@ -92,9 +92,18 @@ class _Event:
         self.fields = fields
 
     def __str__(self) -> str:
-        parts = [f"event={self.name}"]
+        parts = ["event=" + self.name]
         for key, value in self.fields.items():
-            parts.append(f"{key}={_kv_value(value)}")
+            kind = type(value)
+            # The common values first: a plain string needing nothing (_kv_value's answer
+            # for it is itself), an int.
+            if kind is str and value and len(value) <= MAX_VALUE and value.isprintable() \
+                    and _NEEDS_QUOTES.search(value) is None:
+                parts.append(key + "=" + value)
+            elif kind is int:
+                parts.append(f"{key}={value}")
+            else:
+                parts.append(f"{key}={_kv_value(value)}")
         return " ".join(parts)
 
 

@@ -67,3 +67,16 @@ def test_another_handler_gets_the_event_through_logging(text_logging):
 def test_a_level_below_the_loggers_writes_nothing(text_logging):
     logs.event(logging.getLogger("mailgate.test-direct"), logging.DEBUG, "noise", a=1)
     assert _line(text_logging) == ""
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_VALUES = st.one_of(st.text(max_size=300), st.integers(), st.booleans(), st.none(),
+                    st.floats(allow_nan=False), st.sampled_from(["", " ", "a=b", 'q"', "x" * 201]))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.dictionaries(st.sampled_from(["session", "login", "port", "end", "tls"]), _VALUES))
+def test_the_fast_paths_of_a_line_render_as_kv_value_does(fields):
+    reference = " ".join(["event=e"] + [f"{k}={logs._kv_value(v)}" for k, v in fields.items()])
+    assert str(logs._Event("e", fields)) == reference
