@@ -14,9 +14,9 @@ sees every chunk the client sends before it is forwarded (the IMAP tracker); an 
 filter: it returns the view itself while it has nothing to do, and says so with ``idle()``).
 
 Bulk data (a big FETCH) does not pass through Python at all: once a read fills half the
-buffer (``BULK``), a direction nobody needs to see (upward: no ``observe``; downward: no ``rewrite``,
-or one whose ``idle()`` is true at each wake-up) switches to ``splice(2)`` through one pipe
-per worker, socket → pipe → socket, up to ``PIPE_SIZE`` per wake-up; a short read, or a
+buffer (``BULK``), a direction nobody needs to see (upward: no ``observe``; downward: no
+``rewrite``, or one whose ``idle()`` is true at each wake-up) switches to ``splice(2)``
+through one pipe per worker, socket → pipe → socket, up to ``PIPE_SIZE`` per wake-up; a short read, or a
 rewrite that has work again, switches it back.  The worker's pipe is empty between callbacks:
 when the other side cannot take all of it at once, the direction keeps that pipe with what
 is left in it (the worker takes a spare pipe or makes a new one for the next splice), stops
@@ -28,6 +28,7 @@ read out into the direction's pending bytes, as in the copying path.
 from __future__ import annotations
 
 import _socket
+import errno
 import fcntl
 import logging
 import os
@@ -64,14 +65,16 @@ _HANDED_OVER = _closedsocket(-1, -1, -1, -1, "handed to the relay")
 def _splice_pipe() -> tuple[int, int] | None:
     """The worker's pipe for splice (read end, write end), or None: splice is missing, or no
     pipe can be made now (out of descriptors: the copying path serves meanwhile)."""
-    global _pipe
+    global _pipe, _SPLICE
     if _pipe is None and _SPLICE is not None:
         if _spares:
             _pipe = _spares.pop()
             return _pipe
         try:
             _pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                _SPLICE = None        # not for want of descriptors: no pipes here at all
             return None
         try:
             fcntl.fcntl(_pipe[1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)

@@ -146,13 +146,12 @@ def backend_phase(backend_config: BackendConfig, protocol: str, log_in):
     """``log_in(sock)`` on a new connection to the back-end (:func:`connect`), the whole
     phase (connect, greeting, login) within the back-end's connect_timeout + login_timeout;
     past it, LoginError UNAVAILABLE.  The protocols' one back-end deadline."""
-    from gevent import get_hub, getcurrent     # (here: the master never imports gevent)
+    from gateway.stream import throw_after
     total = backend_config.connect_timeout + backend_config.login_timeout
-    # A bare timer (a gevent.Timeout costs three times as much), throwing a BaseException
-    # as Timeout does: no ``except Exception`` on the way may take it for its own error.
+    # A BaseException, as gevent's Timeout: no ``except Exception`` on the way may take it
+    # for an error of its own.
     expired = _PhaseExpired()
-    timer = get_hub().loop.timer(total, priority=-1)
-    timer.start(getcurrent().throw, expired, update=True)
+    timer = throw_after(total, expired)
     try:
         return log_in(connect(backend_config, protocol))
     except _PhaseExpired as exc:
