@@ -59,15 +59,21 @@ def _relay(rcvbuf=16384):
     return session, relay, client_far, backend_far
 
 
-def _read_slowly(sock, size, seen_held):
-    got = bytearray()
-    while len(got) < size:
-        piece = sock.recv(16384)
+def _big_answer_read_slowly(client_far, backend_far) -> list[int]:
+    """The back-end sends BIG bytes at once, the client reads them slowly: they must arrive
+    whole.  Returns how many pipes were held at each of the client's reads."""
+    data = _payload(BIG)
+    writer = gevent.spawn(backend_far.sendall, data)
+    got, held = bytearray(), []
+    while len(got) < BIG:
+        piece = client_far.recv(16384)
         assert piece, "the relay closed the client's side"
         got += piece
-        seen_held.append(relay_mod._held)
+        held.append(relay_mod._held)
         gevent.sleep(0.0005)
-    return bytes(got)
+    assert bytes(got) == data
+    writer.get(timeout=10)
+    return held
 
 
 @pytest.fixture(autouse=True)
@@ -85,11 +91,7 @@ def fresh_pipes(monkeypatch):
 @pytest.mark.skipif(relay_mod._SPLICE is None, reason="no os.splice here")
 def test_a_slow_reader_gets_every_byte_through_a_held_pipe_which_then_goes_back():
     session, relay, client_far, backend_far = _relay()
-    data = _payload(BIG)
-    writer = gevent.spawn(backend_far.sendall, data)
-    held = []
-    assert _read_slowly(client_far, BIG, held) == data
-    writer.get(timeout=10)
+    held = _big_answer_read_slowly(client_far, backend_far)
     assert max(held) == 1                # the client was slow: a pipe was held, bytes in it
     assert relay_mod._held == 0          # and given back once the client took them
     kept = relay_mod._spares + [relay_mod._pipe]
@@ -105,11 +107,7 @@ def test_a_slow_reader_gets_every_byte_through_a_held_pipe_which_then_goes_back(
 def test_past_the_bound_what_is_left_is_copied_and_nothing_is_lost(monkeypatch):
     monkeypatch.setattr(relay_mod, "HELD_PIPES", 0)
     session, relay, client_far, backend_far = _relay()
-    data = _payload(BIG)
-    writer = gevent.spawn(backend_far.sendall, data)
-    held = []
-    assert _read_slowly(client_far, BIG, held) == data
-    writer.get(timeout=10)
+    held = _big_answer_read_slowly(client_far, backend_far)
     assert max(held) == 0 and relay_mod._spares == []
     client_far.close()
     backend_far.close()
