@@ -30,6 +30,14 @@ log = logging.getLogger("mailgate.master")
 WORKER_BOOT_ERROR = 3     # the worker never served: stop rather than respawn for ever
 WORKER_CRASHED = 4        # the worker served, then failed: replace it like a killed one
 BOOT_MODE = 0o600         # a heartbeat file's mode until the worker's first beat (0 or 1)
+# Workers that keep dying (a bug some client triggers, memory running out): after
+# CRASH_BURST unexpected exits within CRASH_WINDOW seconds, a replacement waits, 1 s at first,
+# twice as long after each further exit, at most CRASH_MAX_DELAY; a quiet CRASH_WINDOW, or a
+# HUP, ends the backoff.  (Dovecot throttles a failing service the same way; a worker that
+# cannot boot at all stops the master instead.)
+CRASH_BURST = 5
+CRASH_WINDOW = 10.0
+CRASH_MAX_DELAY = 30.0
 SIGNALS = ("HUP", "QUIT", "INT", "TERM", "TTIN", "TTOU", "CHLD")
 
 
@@ -78,6 +86,9 @@ class Arbiter:
         self.probe: BackendProbe | None = None
         self.replaced: list[WorkerRecord] = []   # retired once their successors serve
         self.replaced_since = 0.0
+        self.crashes: list[float] = []   # monotonic times of unexpected worker exits
+        self.respawn_delay = 0.0         # the current backoff (0: none)
+        self.respawn_at = 0.0            # no worker is replaced before this time
 
     # -- start and main loop ---------------------------------------------------------------
 
@@ -223,6 +234,7 @@ class Arbiter:
         if not self.workers_override:
             self.target = fresh.server.worker_count
         old = [w for w in self.workers.values() if w.retiring_since is None]
+        self.end_backoff()            # a new config may be the fix: start at once
         self.generation += 1
         log.info("HUP: config reloaded; starting generation %d", self.generation)
         self.spawn_missing()
@@ -257,8 +269,27 @@ class Arbiter:
         current = sorted(self.current(), key=lambda w: w.started)
         while len(current) > self.target:
             self.retire(current.pop(0))
+        if len(current) < self.target and time.monotonic() < self.respawn_at:
+            return            # backing off: workers keep dying (crashed())
         for _ in range(self.target - len(current)):
             self.spawn()
+
+    def crashed(self) -> None:
+        """A worker exited unexpectedly: past CRASH_BURST such exits within CRASH_WINDOW,
+        its replacement waits (see CRASH_BURST)."""
+        now = time.monotonic()
+        self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW] + [now]
+        if len(self.crashes) < CRASH_BURST:
+            self.respawn_delay = 0.0
+            return
+        self.respawn_delay = min(max(self.respawn_delay * 2, 1.0), CRASH_MAX_DELAY)
+        self.respawn_at = now + self.respawn_delay
+        log.error("%d workers exited within %gs: the next one starts in %gs", len(self.crashes),
+                  CRASH_WINDOW, self.respawn_delay)
+
+    def end_backoff(self) -> None:
+        self.crashes = []
+        self.respawn_delay = self.respawn_at = 0.0
 
     def spawn(self) -> None:
         heartbeat = tempfile.TemporaryFile(prefix="mailgate-wbeat-")
@@ -328,6 +359,7 @@ class Arbiter:
             if worker.retiring_since is None and not self.stopping:
                 log.warning("worker pid=%d %s (%s); replacing it", pid,
                             "crashed" if code == WORKER_CRASHED else "died", _describe(code))
+                self.crashed()
             else:
                 log.info("worker pid=%d exited", pid)
 

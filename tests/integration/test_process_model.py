@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,55 @@ def test_worker_that_crashes_after_boot_is_replaced(make_gateway, tmp_path, monk
     client = open_session(gateway)
     client.logout()
 
+
+
+def test_workers_that_keep_crashing_are_replaced_with_a_growing_delay(make_gateway, tmp_path,
+                                                                      monkeypatch):
+    """A worker that dies again and again (here: the crash hook's file put back each time a
+    worker takes it) is replaced at once five times within ten seconds, then after 1 s,
+    2 s, ...; a HUP (a new config may be the fix) starts one at once, and the gateway
+    serves again."""
+    flag = tmp_path / "crash-always"
+    monkeypatch.setenv("MAILGATE_TEST_CRASH_FILE", str(flag))
+    gateway = make_gateway(workers=1, routes={"alice@example.com": "A"})
+    stop = threading.Event()
+
+    def keep_crashing():
+        while not stop.is_set():
+            if not flag.exists():
+                flag.write_text("")
+            time.sleep(0.02)
+
+    crasher = threading.Thread(target=keep_crashing, daemon=True)
+    crasher.start()
+    try:
+        assert wait_until(lambda: "the next one starts in 2s" in gateway.log_text(), timeout=60)
+    finally:
+        stop.set()
+        crasher.join()
+    flag.unlink(missing_ok=True)
+    hup = time.monotonic()
+    gateway.signal(signal.SIGHUP)        # in the 2 s backoff: the new generation starts now
+    assert wait_until(lambda: "started (generation 1)" in gateway.log_text(), timeout=10)
+    assert time.monotonic() - hup < 1.5
+    text = gateway.log_text()
+    assert "5 workers exited within 10s: the next one starts in 1s" in text
+    started = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+               for line in text.splitlines() if "started (generation" in line]
+    # The first worker and five replaced at once; the sixth waited its second.
+    assert len(started) >= 6
+    assert (started[5] - started[4]).total_seconds() >= 0.9, started
+    assert gateway.running
+    client = wait_until(lambda: _try_session(gateway), timeout=30)
+    assert client is not None, gateway.log_text()[-3000:]
+    client.logout()
+
+
+def _try_session(gateway):
+    try:
+        return open_session(gateway)
+    except (OSError, imaplib.IMAP4.error):
+        return None
 
 def test_bind_failure_names_the_address_and_exits_2(make_gateway, tmp_path):
     busy = socket.socket()
