@@ -47,7 +47,10 @@ class StatusFile:
                    for w in arbiter.workers.values()]
         state = {"pid": os.getpid(), "time": time.time(), "started": self.started,
                  "interval": interval, "target": arbiter.target,
-                 "generation": arbiter.generation, "workers": workers}
+                 "generation": arbiter.generation, "workers": workers,
+                 # Workers keep dying: the next replacement waits this long (arbiter.crashed).
+                 "respawn_in": round(max(0.0, arbiter.respawn_at - now), 1),
+                 "recent_exits": len(arbiter.crashes)}
         temporary = f"{self.path}.{os.getpid()}.tmp"
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -124,6 +127,10 @@ def cmd_status(config, out: TextIO = sys.stdout) -> int:
             print(f"  worker     pid {worker['pid']}, age {worker['age']:.0f}s, generation "
                   f"{worker['generation']}{' (retiring)' if worker['retiring'] else ''}",
                   file=out)
+        if state.get("respawn_in"):
+            print(f"  respawn    in {state['respawn_in']:.0f}s: {state['recent_exits']} workers "
+                  f"exited within the last seconds", file=out)
+            degraded.append("workers keep exiting")
         if not live:
             down.append("no worker")
         elif len(live) < state["target"]:

@@ -218,7 +218,8 @@ def test_workers_that_keep_crashing_are_replaced_with_a_growing_delay(make_gatew
     serves again."""
     flag = tmp_path / "crash-always"
     monkeypatch.setenv("MAILGATE_TEST_CRASH_FILE", str(flag))
-    gateway = make_gateway(workers=1, routes={"alice@example.com": "A"})
+    gateway = make_gateway(workers=1, routes={"alice@example.com": "A"},
+                           server_overrides={"status_interval": 0.1})
     stop = threading.Event()
 
     def keep_crashing():
@@ -231,9 +232,13 @@ def test_workers_that_keep_crashing_are_replaced_with_a_growing_delay(make_gatew
     crasher.start()
     try:
         assert wait_until(lambda: "the next one starts in 2s" in gateway.log_text(), timeout=60)
+        status = subprocess.run(
+            [sys.executable, "-m", "gateway", "status", "--config", str(gateway.config_path)],
+            cwd=REPO, env=gateway._env(), capture_output=True, text=True, timeout=60)
     finally:
         stop.set()
         crasher.join()
+    assert status.returncode != 0 and "respawn    in " in status.stdout, status.stdout
     flag.unlink(missing_ok=True)
     hup = time.monotonic()
     gateway.signal(signal.SIGHUP)        # in the 2 s backoff: the new generation starts now
