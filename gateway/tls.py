@@ -160,7 +160,10 @@ def preload(config) -> None:
     if not needs_server_tls(config):
         return
     material = load_material(config.tls)
-    context = ServerContext(config.tls, material)
+    try:
+        context = ServerContext(config.tls, material)
+    except SSL.Error as exc:      # check() has tried the same settings: not expected
+        raise TlsError(f"[tls]: {_ssl_reason(exc)}") from None
     _preloaded, _prebuilt = material, (config.tls, context)
 
 
