@@ -2,6 +2,7 @@
 
     git worktree add ../mailgate-before <revision>
     python -m bench.ab --a ../mailgate-before --b . [--rounds 4] [--seconds 4] [--workers 1]
+    python -m bench.ab --a . --b . --b-python /path/to/venv/bin/python   # another interpreter
 
 On a shared, noisy machine the CPU a session costs moves by 10 to 20 % from one minute to
 the next; two gateways (code from the two folders) behind the same Dovecot, each with its own
@@ -21,8 +22,10 @@ from bench import scenarios
 from bench.stack import BACKEND, Stack, Target
 
 
-def _gateway(stack: Stack, name: str, root: Path, workers: int) -> Target:
-    """A gateway started from the code in ``root`` (servers.REPO_ROOT is where it runs)."""
+def _gateway(stack: Stack, name: str, root: Path, workers: int,
+             python: str = sys.executable) -> Target:
+    """A gateway started from the code in ``root`` (servers.REPO_ROOT is where it runs), by
+    the interpreter ``python`` (with the project's requirements installed)."""
     dovecot = stack.dovecot
     saved = servers.REPO_ROOT
     servers.REPO_ROOT = root
@@ -32,7 +35,7 @@ def _gateway(stack: Stack, name: str, root: Path, workers: int) -> Target:
             stack._tmp(f"gateway-{name}"),
             backends={BACKEND: (dovecot.host, dovecot.imap_port, dovecot.pop3_port)},
             redis_url=redis.url, workers=workers, protocols=("imap", "pop3"),
-            server_overrides={"log_level": "info"})     # as in python -m bench
+            server_overrides={"log_level": "info"}, python=python)   # as in python -m bench
         stack.enter_context(gateway)
     finally:
         servers.REPO_ROOT = saved
@@ -51,14 +54,19 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--protocols", default="imap,pop3")
+    parser.add_argument("--a-python", default=sys.executable,
+                        help="interpreter that runs gateway A (default: this one)")
+    parser.add_argument("--b-python", default=sys.executable,
+                        help="interpreter that runs gateway B (default: this one)")
     args = parser.parse_args(argv)
+    pythons = {"A": args.a_python, "B": args.b_python}
     roots = {"A": args.a.resolve(), "B": args.b.resolve()}
     for root in roots.values():
         if not (root / "gateway" / "__main__.py").exists():
             parser.error(f"{root}: not a mailgate folder")
     with Stack(32, ("direct",), workers=args.workers) as stack:
         print(f"servers in {stack.tmpdir}", flush=True)
-        targets = {name: _gateway(stack, name, root, args.workers)
+        targets = {name: _gateway(stack, name, root, args.workers, pythons[name])
                    for name, root in roots.items()}
         for protocol in args.protocols.split(","):
             cpu = {name: [] for name in targets}
@@ -74,7 +82,8 @@ def main(argv=None) -> int:
                     cpu[name].append(result["total_cpu_us_per_session"])
                     rate[name].append(result["sessions_per_s"])
             for name in targets:
-                print(f"{protocol} {name} ({roots[name]}): CPU us/session "
+                run_by = "" if pythons[name] == sys.executable else f", {pythons[name]}"
+                print(f"{protocol} {name} ({roots[name]}{run_by}): CPU us/session "
                       f"{'/'.join(f'{c:.0f}' for c in cpu[name])} "
                       f"(median {statistics.median(cpu[name]):.0f}), sessions/s median "
                       f"{statistics.median(rate[name]):.0f}")

@@ -620,8 +620,9 @@ class GatewayProcess(_Process):
     def __init__(self, tmpdir, *, backends: dict, redis_url: str, workers: int = 2,
                  extra_toml: str = "", server_overrides: dict | None = None,
                  protocols=("imap", "pop3"), sections: dict | None = None,
-                 listeners: dict | None = None):
+                 listeners: dict | None = None, python: str = sys.executable):
         super().__init__(tmpdir)
+        self.python = python          # the interpreter that runs the gateway
         self.backends = backends
         self.redis_url = redis_url
         self.workers = workers
@@ -694,7 +695,7 @@ class GatewayProcess(_Process):
         listener or outgoing connection): then the start is tried again on new ports."""
         for attempt in range(1, attempts + 1):
             self.write_config()
-            self._spawn([sys.executable, "-m", "gateway", "serve",
+            self._spawn([self.python, "-m", "gateway", "serve",
                          "--config", str(self.config_path)],
                         self.log_path, cwd=REPO_ROOT, env=self._env())
             try:

@@ -89,7 +89,7 @@ def test_ab_bench_compares_two_folders():
     done = subprocess.run(
         [sys.executable, "-m", "bench.ab", "--a", str(servers.REPO_ROOT), "--b",
          str(servers.REPO_ROOT), "--rounds", "1", "--seconds", "0.5", "--clients", "4",
-         "--protocols", "imap"],
+         "--protocols", "imap", "--b-python", sys.executable],
         cwd=servers.REPO_ROOT, capture_output=True, text=True, timeout=180,
         env=dict(os.environ, PYTHONPATH=str(servers.REPO_ROOT)))
     assert done.returncode == 0, done.stdout + done.stderr
