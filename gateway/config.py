@@ -377,11 +377,13 @@ class _Reader:
             if not isinstance(value, bool):
                 raise self.fail(key, "must be true or false")
             return value
-        if isinstance(default, (int, float)) and not isinstance(value, bool):
-            if isinstance(default, float) and isinstance(value, (int, float)):
+        if isinstance(default, (int, float)):
+            if isinstance(default, float) and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
                 value = float(value)
-            elif not isinstance(value, type(default)):
-                raise self.fail(key, f"must be a {type(default).__name__}")
+            elif not isinstance(value, type(default)) or isinstance(value, bool):
+                raise self.fail(key, "must be an integer" if isinstance(default, int)
+                                else "must be a number")
             if value < 0:
                 raise self.fail(key, "must not be negative")
             return value

@@ -100,6 +100,18 @@ def test_each_bound_is_accepted_and_beyond_it_rejected(cls, key, sane):
         assert gateway_config.parse(_raw(cls, key, 0), "gw.toml") is not None
 
 
+@pytest.mark.parametrize("cls, key, sane", list(_cases()))
+def test_a_value_of_the_wrong_kind_is_named(cls, key, sane):
+    """true for a number, 1.5 for an integer: the key and what it must be (a bool is an int
+    to Python, and was let through to "unsupported")."""
+    integer = isinstance(getattr(cls(), key), int)
+    expected = "must be an integer" if integer else "must be a number"
+    for bad in ([True, 1.5, "1"] if integer else [True, "1"]):
+        with pytest.raises(ConfigError) as caught:
+            gateway_config.parse(_raw(cls, key, bad), "gw.toml")
+        assert str(caught.value) == f"gw.toml: {TABLES[cls][0]}.{key}: {expected}"
+
+
 def test_heartbeat_timeout_zero_fails_check_config(tmp_path):
     """The reported case, through the command an operator runs."""
     path = tmp_path / "gw.toml"
