@@ -22,8 +22,9 @@ when the other side cannot take all of it at once, the direction keeps that pipe
 is left in it (the worker takes a spare pipe or makes a new one for the next splice), stops
 reading, and splices the rest out as the other side takes it; then the pipe goes back to
 the spares.  So a slow reader of a big FETCH costs no copy through Python either.  At most
-``HELD_PIPES`` pipes are held per worker (two descriptors each); past that, what is left is
-read out into the direction's pending bytes, as in the copying path.
+``HELD_PIPES`` pipes are held per worker (two descriptors and up to PIPE_SIZE of kernel
+memory each); past that, what is left is read out into the direction's pending bytes, as
+in the copying path.
 """
 from __future__ import annotations
 
@@ -53,8 +54,12 @@ PIPE_SIZE = 1 << 20        # bytes per splice wake-up (Linux's default pipe-max-
 _SPLICE = getattr(os, "splice", None)
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _pipe: tuple[int, int] | None = None      # made on first use, in the worker (after fork)
-HELD_PIPES = 64            # pipes directions may hold with bytes a slow reader has yet to take
-SPARE_PIPES = 4            # empty pipes kept for reuse once given back
+# Pipes directions may hold with bytes a slow reader has yet to take, and empty ones kept
+# for reuse.  Few: Linux counts a pipe's whole capacity (256 pages at PIPE_SIZE) against its
+# user's pipe-user-pages-soft (16384 pages by default), past which new pipes get one page;
+# with 4 workers, (1 + 1 + 8) pipes each stay under it.
+HELD_PIPES = 8
+SPARE_PIPES = 1
 _held = 0
 _spares: list[tuple[int, int]] = []
 # What a gevent socket wraps once the relay has taken its descriptor (gevent's own stand-in
