@@ -34,6 +34,32 @@ class BackendConnection:
             raise self.fail(Failure.PROTOCOL, "answer line too long")
         return event.text
 
+    def read_block(self, max_lines: int) -> list[bytes] | None:
+        """The lines of a multi-line answer up to its "." line, when the whole of it is
+        already received and plain (CRLF line ends, no line over MAX_LINE, at most
+        ``max_lines``): taken in one go, the same lines ``read_line`` would give one by one
+        (a CAPA list is ten lines).  None, with nothing taken, otherwise."""
+        reader = self.reader
+        if reader.events or reader.framer.pending():
+            return None
+        raw, start = reader.raw, reader.raw_pos
+        if raw.startswith(b".\r\n", start):
+            reader.raw_pos = start + 3
+            return []
+        end = raw.find(b"\r\n.\r\n", start)
+        if end < 0:
+            return None
+        block = raw[start:end]
+        pairs = block.count(b"\r\n")
+        if pairs + 1 >= max_lines or block.count(b"\r") != pairs \
+                or block.count(b"\n") != pairs:
+            return None
+        lines = block.split(b"\r\n")
+        if max(map(len, lines)) + 2 > MAX_LINE:
+            return None
+        reader.raw_pos = end + 5
+        return lines
+
     def send(self, line: bytes) -> None:
         try:
             self.sock.sendall(line)

@@ -8,6 +8,7 @@ connect_timeout + login_timeout.
 """
 from __future__ import annotations
 
+import re
 
 from gateway import sasl, session
 from gateway.pop3.backend import BackendConnection
@@ -59,11 +60,16 @@ def _greet(connection: BackendConnection, forward: bytes) -> bool:
         ahead = forward
     connection.send(b"CAPA\r\n" + ahead)
     if connection.read_line().startswith(b"+OK"):
-        for _ in range(MAX_CAPA_LINES):
-            line = connection.read_line()
-            if line == b".":
-                break
-            connection.capabilities.add(line.decode("ascii", "replace").upper())
+        lines = connection.read_block(MAX_CAPA_LINES)
+        if lines is None:           # not all there yet, or not plain: line by line
+            lines = []
+            for _ in range(MAX_CAPA_LINES):
+                line = connection.read_line()
+                if line == b".":
+                    break
+                lines.append(line)
+        connection.capabilities.update(line.decode("ascii", "replace").upper()
+                                       for line in lines)
     if ahead:
         _forward_answer(connection)
     return bool(ahead)
@@ -128,9 +134,10 @@ def _answer(connection: BackendConnection, line: bytes) -> bytes:
     raise connection.fail(failure, f"login answer {line[:120]!r}")
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_CONTROL_OR_SPACE = re.compile("[\x00-\x20\x7f]")
+
+
 def _safe_token(value: str, spaces: bool = False) -> bool:
     """No byte that could end a POP3 command line (CR, LF, NUL) nor other controls."""
-    forbidden = set(range(0x20)) | {0x7f}
-    if not spaces:
-        forbidden.add(0x20)
-    return bool(value) and not any(ord(ch) in forbidden for ch in value)
+    return bool(value) and (_CONTROL if spaces else _CONTROL_OR_SPACE).search(value) is None
