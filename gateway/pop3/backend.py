@@ -34,6 +34,22 @@ class BackendConnection:
             raise self.fail(Failure.PROTOCOL, "answer line too long")
         return event.text
 
+    def read_multiline(self, max_lines: int) -> list[bytes]:
+        """The lines of a multi-line answer (after its +OK) up to its "." line, in at most
+        ``max_lines`` reads: in one go when it is all there (``read_block``)."""
+        lines = self.read_block(max_lines)
+        return lines if lines is not None else self.read_lines(max_lines)
+
+    def read_lines(self, max_lines: int) -> list[bytes]:
+        """``read_multiline`` line by line."""
+        lines = []
+        for _ in range(max_lines):
+            line = self.read_line()
+            if line == b".":
+                break
+            lines.append(line)
+        return lines
+
     def read_block(self, max_lines: int) -> list[bytes] | None:
         """The lines of a multi-line answer up to its "." line, when the whole of it is
         already received and plain (CRLF line ends, no line over MAX_LINE, at most

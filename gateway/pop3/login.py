@@ -60,16 +60,8 @@ def _greet(connection: BackendConnection, forward: bytes) -> bool:
         ahead = forward
     connection.send(b"CAPA\r\n" + ahead)
     if connection.read_line().startswith(b"+OK"):
-        lines = connection.read_block(MAX_CAPA_LINES)
-        if lines is None:           # not all there yet, or not plain: line by line
-            lines = []
-            for _ in range(MAX_CAPA_LINES):
-                line = connection.read_line()
-                if line == b".":
-                    break
-                lines.append(line)
         connection.capabilities.update(line.decode("ascii", "replace").upper()
-                                       for line in lines)
+                                       for line in connection.read_multiline(MAX_CAPA_LINES))
     if ahead:
         _forward_answer(connection)
     return bool(ahead)
