@@ -50,7 +50,7 @@ class StatusFile:
                  "generation": arbiter.generation, "workers": workers,
                  # Workers keep dying: the next replacement waits this long (arbiter.crashed).
                  "respawn_in": round(max(0.0, arbiter.respawn_at - now), 1),
-                 "recent_exits": len(arbiter.crashes)}
+                 "recent_exits": len(arbiter.crashes), "exit_window": arbiter.crash_window}
         temporary = f"{self.path}.{os.getpid()}.tmp"
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -129,7 +129,7 @@ def cmd_status(config, out: TextIO = sys.stdout) -> int:
                   file=out)
         if state.get("respawn_in"):
             print(f"  respawn    in {state['respawn_in']:.0f}s: {state['recent_exits']} workers "
-                  f"exited within the last seconds", file=out)
+                  f"exited unexpectedly within {state['exit_window']:g}s", file=out)
             degraded.append("workers keep exiting")
         if not live:
             down.append("no worker")

@@ -68,6 +68,8 @@ class WorkerRecord:
 class Arbiter:
     """One master process: ``Arbiter(config, workers).run()`` returns the exit status."""
 
+    crash_window = CRASH_WINDOW      # (for the status file)
+
     def __init__(self, config: config_mod.Config, workers: int | None = None):
         self.config = config
         self.workers_override = workers

@@ -52,9 +52,9 @@ class BackendConnection:
 
     def read_block(self, max_lines: int) -> list[bytes] | None:
         """The lines of a multi-line answer up to its "." line, when the whole of it is
-        already received and plain (CRLF line ends, no line over MAX_LINE, at most
-        ``max_lines``): taken in one go, the same lines ``read_line`` would give one by one
-        (a CAPA list is ten lines).  None, with nothing taken, otherwise."""
+        already received and plain (CRLF line ends, no line over MAX_LINE, the "." within
+        ``max_lines`` lines): taken in one go, the lines ``read_lines`` would give (a CAPA
+        list is ten lines).  None, with nothing taken, otherwise."""
         reader = self.reader
         if reader.events or reader.framer.pending():
             return None
