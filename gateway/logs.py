@@ -92,19 +92,8 @@ class _Event:
         self.fields = fields
 
     def __str__(self) -> str:
-        parts = ["event=" + self.name]
-        for key, value in self.fields.items():
-            kind = type(value)
-            # The common values first: a plain string needing nothing (_kv_value's answer
-            # for it is itself), an int.
-            if kind is str and value and len(value) <= MAX_VALUE and value.isprintable() \
-                    and _NEEDS_QUOTES.search(value) is None:
-                parts.append(key + "=" + value)
-            elif kind is int:
-                parts.append(f"{key}={value}")
-            else:
-                parts.append(f"{key}={_kv_value(value)}")
-        return " ".join(parts)
+        return " ".join([f"event={self.name}"] +
+                        [f"{key}={_kv_value(value)}" for key, value in self.fields.items()])
 
 
 _direct: logging.StreamHandler | None = None   # setup()'s handler, for text lines
@@ -161,6 +150,13 @@ def readable(text: str) -> str:
 
 
 def _kv_value(value) -> str:
+    kind = type(value)
+    # The common values first (a session-end line has thirteen): a plain string, an int.
+    if kind is str and value and len(value) <= MAX_VALUE and value.isprintable() \
+            and _NEEDS_QUOTES.search(value) is None:
+        return value
+    if kind is int:
+        return str(value)
     if value is None or value == "":
         return "-"
     if isinstance(value, float):

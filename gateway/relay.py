@@ -92,7 +92,7 @@ def _hold_pipe() -> tuple[int, int] | None:
     """Take the worker's pipe, bytes and all, for a direction to splice out later; None when
     HELD_PIPES are held already."""
     global _pipe, _held
-    if _held >= HELD_PIPES or _pipe is None:
+    if _held >= HELD_PIPES:
         return None
     held, _pipe = _pipe, None
     _held += 1

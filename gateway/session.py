@@ -183,7 +183,7 @@ def _connect(sock, address, timeout: float, until_greeting: bool = False) -> Non
     error = sock.connect_ex(address)
     if error in (errno.EINPROGRESS, errno.EAGAIN):
         from gateway.stream import wait_io
-        wait_io(watcher, timeout, socket.timeout("timed out"))
+        wait_io(watcher, timeout, socket.timeout)
         error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))

@@ -53,27 +53,29 @@ def _yield_to_hub() -> None:
 _gevent_socket = None     # gevent.socket, once a worker reads (the master never imports gevent)
 
 
-def throw_after(seconds: float, expired: BaseException):
-    """A started loop timer that throws ``expired`` into the calling greenlet after
-    ``seconds``; the caller closes it.  What gevent's ``Timeout`` does, at a third of the
-    cost (no Timeout object, which is an exception instance with a timer of its own)."""
+def throw_after(seconds: float, expired, hub=None):
+    """A started loop timer that throws ``expired`` (an exception, or a class: made only if
+    it fires) into the calling greenlet after ``seconds``; the caller closes it.  What
+    gevent's ``Timeout`` does, at a third of the cost (no Timeout object, which is an
+    exception instance with a timer of its own)."""
     from gevent import get_hub, getcurrent
-    timer = get_hub().loop.timer(max(seconds, 0.0), priority=-1)
+    timer = (hub or get_hub()).loop.timer(max(seconds, 0.0), priority=-1)
     timer.start(getcurrent().throw, expired, update=True)
     return timer
 
 
-def wait_io(watcher, timeout: float | None, expired: BaseException) -> None:
-    """Wait until ``watcher`` (an I/O watcher, not started) fires; raise ``expired`` after
-    ``timeout`` seconds (gevent's ``wait`` with a ``Timeout`` per call cost 2.1 µs against
-    0.6 here, and every login waits four times)."""
+def wait_io(watcher, timeout: float | None, expired) -> None:
+    """Wait until ``watcher`` (an I/O watcher, not started) fires; raise ``expired`` (as
+    throw_after) after ``timeout`` seconds (gevent's ``wait`` with a ``Timeout`` per call
+    cost 2.1 µs against 0.6 here, and every login waits four times)."""
     from gevent import get_hub
+    hub = get_hub()
     if timeout is None:
-        get_hub().wait(watcher)
+        hub.wait(watcher)
         return
-    timer = throw_after(timeout, expired)
+    timer = throw_after(timeout, expired, hub)
     try:
-        get_hub().wait(watcher)
+        hub.wait(watcher)
     finally:
         timer.close()
 
@@ -181,7 +183,7 @@ class StreamReader:
         self.answer_due = False
         until = None if timeout is None else time.monotonic() + timeout
         while True:
-            wait_io(sock._read_event, timeout, socket.timeout("timed out"))
+            wait_io(sock._read_event, timeout, socket.timeout)
             self.paced_at = now = time.monotonic()
             try:
                 return raw.recv(self.recv_size)
@@ -196,6 +198,19 @@ class StreamReader:
         if now - self.paced_at >= PACE_SECONDS:
             _yield_to_hub()
             self.paced_at = time.monotonic()
+
+    def take_raw(self, accept):
+        """A caller's own framing of bytes already received, when nothing is framed or
+        held partial: ``accept(raw, start)`` looks at the unframed bytes ``raw[start:]`` and
+        returns ``(result, end)`` to take ``raw[start:end]`` (the result is returned), or
+        None to take nothing (then None is returned)."""
+        if self.events or self.framer.pending():
+            return None
+        taken = accept(self.raw, self.raw_pos)
+        if taken is None:
+            return None
+        result, self.raw_pos = taken
+        return result
 
     # -- handing over -------------------------------------------------------------------------
 

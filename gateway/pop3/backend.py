@@ -10,6 +10,23 @@ from gateway.stream import ReadError, StreamReader
 MAX_LINE = 8192
 
 
+def _block(raw: bytes, start: int, max_lines: int) -> tuple[list[bytes], int] | None:
+    """read_block's framing of ``raw[start:]``: (its lines, the end of the "." line)."""
+    if raw.startswith(b".\r\n", start):
+        return [], start + 3
+    end = raw.find(b"\r\n.\r\n", start)
+    if end < 0:
+        return None
+    block = raw[start:end]
+    pairs = block.count(b"\r\n")
+    if pairs + 1 >= max_lines or block.count(b"\r") != pairs or block.count(b"\n") != pairs:
+        return None
+    lines = block.split(b"\r\n")
+    if max(map(len, lines)) + 2 > MAX_LINE:
+        return None
+    return lines, end + 5
+
+
 class BackendConnection:
     """One connection to a POP3 back-end; logged in after :func:`log_in`."""
 
@@ -55,26 +72,7 @@ class BackendConnection:
         already received and plain (CRLF line ends, no line over MAX_LINE, the "." within
         ``max_lines`` lines): taken in one go, the lines ``read_lines`` would give (a CAPA
         list is ten lines).  None, with nothing taken, otherwise."""
-        reader = self.reader
-        if reader.events or reader.framer.pending():
-            return None
-        raw, start = reader.raw, reader.raw_pos
-        if raw.startswith(b".\r\n", start):
-            reader.raw_pos = start + 3
-            return []
-        end = raw.find(b"\r\n.\r\n", start)
-        if end < 0:
-            return None
-        block = raw[start:end]
-        pairs = block.count(b"\r\n")
-        if pairs + 1 >= max_lines or block.count(b"\r") != pairs \
-                or block.count(b"\n") != pairs:
-            return None
-        lines = block.split(b"\r\n")
-        if max(map(len, lines)) + 2 > MAX_LINE:
-            return None
-        reader.raw_pos = end + 5
-        return lines
+        return self.reader.take_raw(lambda raw, start: _block(raw, start, max_lines))
 
     def send(self, line: bytes) -> None:
         try:

@@ -37,8 +37,9 @@ def log_in(sock, target: Target, password: str, client_address: tuple[str, int, 
     connection = BackendConnection(sock, target)
     try:
         connection.reader.idle_timeout = target.config.connect_timeout
-        if not _greet(connection, _forward_line(*client_address)):
-            _forward_client(connection, *client_address)
+        forward = _forward_line(*client_address)
+        if not _greet(connection, forward):
+            _forward_client(connection, forward)
         connection.reader.idle_timeout = target.config.login_timeout
         return connection, _login(connection, target.login_name, password)
     except BaseException:
@@ -75,10 +76,8 @@ def _forward_line(address: str, port: int, session_id: str) -> bytes:
     return f"XCLIENT ADDR={address} PORT={int(port)} SESSION={session_id}\r\n".encode()
 
 
-def _forward_client(connection: BackendConnection, address: str, port: int,
-                    session_id: str) -> None:
+def _forward_client(connection: BackendConnection, forward: bytes) -> None:
     """XCLIENT offered in CAPA (not in the greeting): the back-end logs the real client."""
-    forward = _forward_line(address, port, session_id)
     if forward and any(c.startswith("XCLIENT") for c in connection.capabilities):
         connection.send(forward)
         _forward_answer(connection)
