@@ -6,8 +6,9 @@ missing=()
 for pkg in "$@"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-# Debian's python3 needs python3-venv for `python3 -m venv` (make's .venv).
-python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# Debian's python3 needs python3-venv for `python3 -m venv` (make's .venv; $PYTHON is the
+# interpreter make builds it with).
+"${PYTHON:-python3}" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages; install them with: sudo apt-get install -y ${missing[*]}" >&2
