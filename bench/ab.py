@@ -8,7 +8,8 @@ On a shared, noisy machine the CPU a session costs moves by 10 to 20 % from one 
 the next; two gateways (code from the two folders) behind the same Dovecot, each with its own
 Redis, measured in alternating rounds (A B, B A, ...) see the same minutes, so the ratio B/A
 per round is steady where the absolute figures are not.  Prints CPU µs per session and
-sessions/s of each, the ratio per round and its median, and system calls per session.
+sessions/s of each (and what Dovecot spent per session behind it), the ratio per round and
+its median, and system calls per session.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
         for protocol in args.protocols.split(","):
             cpu = {name: [] for name in targets}
             rate = {name: [] for name in targets}
+            dovecot = {name: [] for name in targets}
             for turn in range(max(1, args.rounds)):
                 order = list(targets) if turn % 2 == 0 else list(reversed(list(targets)))
                 for name in order:
@@ -81,12 +83,14 @@ def main(argv=None) -> int:
                               f"({result['first_error']})", file=sys.stderr)
                     cpu[name].append(result["total_cpu_us_per_session"])
                     rate[name].append(result["sessions_per_s"])
+                    dovecot[name].append(result["dovecot_cpu_us_per_session"])
             for name in targets:
                 run_by = "" if pythons[name] == sys.executable else f", {pythons[name]}"
                 print(f"{protocol} {name} ({roots[name]}{run_by}): CPU us/session "
                       f"{'/'.join(f'{c:.0f}' for c in cpu[name])} "
                       f"(median {statistics.median(cpu[name]):.0f}), sessions/s median "
-                      f"{statistics.median(rate[name]):.0f}")
+                      f"{statistics.median(rate[name]):.0f}, Dovecot CPU us/session median "
+                      f"{statistics.median(dovecot[name]):.0f}")
             ratios = [b / a for a, b in zip(cpu["A"], cpu["B"])]
             print(f"{protocol} B/A CPU per round {' '.join(f'{r:.3f}' for r in ratios)} "
                   f"(median {statistics.median(ratios):.3f})")

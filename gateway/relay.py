@@ -39,6 +39,8 @@ from gevent import get_hub
 from gevent._socket3 import _closedsocket
 from gevent.socket import socket as _GeventSocket
 
+from gateway.stream import is_tls
+
 log = logging.getLogger("mailgate.relay")
 
 CHUNK = 65536
@@ -345,7 +347,7 @@ def _drain(fd: int, size: int) -> bytes:
 def for_session(session, client, backend, observe=None, rewrite=None):
     """The relay for one session: this module's for plain sockets, gateway.tlsrelay's (the
     same callbacks, TLS-aware) when either side is a TLS connection."""
-    if getattr(client, "is_tls", False) or getattr(backend, "is_tls", False):
+    if is_tls(client) or is_tls(backend):
         from gateway.tlsrelay import TlsRelay
         return TlsRelay(session, client, backend, observe, rewrite)
     return Relay(session, client, backend, observe, rewrite)

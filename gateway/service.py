@@ -89,6 +89,8 @@ class Service:
         """Before the greeting: the PROXY header (when the listener expects one) and the TLS
         handshake of an implicit-TLS listener, each bounded in time.  Returns (connection,
         client address) or (None, None) after closing a refused connection."""
+        if not listen.proxy_protocol and listen.tls != "implicit":
+            return client, address
         from gateway import proxyproto, tls
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         try:

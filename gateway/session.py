@@ -22,6 +22,7 @@ from gateway.directory.cache import DirectoryUnavailable
 from gateway.directory.records import normalize_login
 from gateway.logs import event, readable
 from gateway.metrics import recorder
+from gateway.stream import is_tls, plain_socket_type, throw_after, wait_io
 
 log = logging.getLogger("mailgate.session")
 
@@ -146,7 +147,6 @@ def backend_phase(backend_config: BackendConfig, protocol: str, log_in):
     """``log_in(sock)`` on a new connection to the back-end (:func:`connect`), the whole
     phase (connect, greeting, login) within the back-end's connect_timeout + login_timeout;
     past it, LoginError UNAVAILABLE.  The protocols' one back-end deadline."""
-    from gateway.stream import throw_after
     total = backend_config.connect_timeout + backend_config.login_timeout
     # A BaseException, as gevent's Timeout: no ``except Exception`` on the way may take it
     # for an error of its own.
@@ -179,12 +179,11 @@ def _connect(sock, address, timeout: float, until_greeting: bool = False) -> Non
         sock.settimeout(timeout)
         sock.connect(address)
         return
-    sock.settimeout(0.0)
-    error = sock.connect_ex(address)
+    raw = sock._sock         # non-blocking: connect_ex answers EINPROGRESS, no exception
+    error = raw.connect_ex(address)
     if error in (errno.EINPROGRESS, errno.EAGAIN):
-        from gateway.stream import wait_io
         wait_io(watcher, timeout, socket.timeout)
-        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        error = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))
     sock.settimeout(timeout)
@@ -264,7 +263,7 @@ class Session:
         self.closing = False
         self.login_failures = 0
         self.admission = None   # limits.Admission of the login in progress or done
-        self.tls = getattr(client, "is_tls", False)   # implicit TLS, or after STARTTLS
+        self.tls = is_tls(client)   # implicit TLS, or after STARTTLS
         if not NODELAY_INHERITED:
             try:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -455,12 +454,11 @@ class Session:
         The watch is a callback on the event loop, not a greenlet: every login pays for it,
         and a greenlet's spawn, switches and kill cost more than the login's own reads."""
         import gevent
-        from gevent import socket as gsocket
         phase = gevent.getcurrent()
         client = self.client
         # A plain socket lends its own read watcher (idle while this greenlet talks to the
         # back-end): a new one would cost an fcntl and an epoll_ctl per login.
-        own = type(client) is gsocket.socket and client._read_event.callback is None
+        own = type(client) is plain_socket_type() and client._read_event.callback is None
         watcher = client._read_event if own else gevent.get_hub().loop.io(client.fileno(), 1)
 
         def readable() -> None:

@@ -45,12 +45,24 @@ class DeadlineExceeded(ReadTimeout):
     """The phase's total deadline passed (the total bound)."""
 
 
+# gevent and its socket module, loaded by a worker's first read (the master, which loads
+# config and this module, never imports gevent); module globals, not an import statement per
+# call: ``from gevent import ...`` runs importlib's _handle_fromlist, a Python call, each time.
+_gevent = None
+_gevent_socket = None
+
+
+def _load_gevent() -> None:
+    global _gevent, _gevent_socket
+    import gevent
+    from gevent import socket as gsocket
+    _gevent, _gevent_socket = gevent, gsocket
+
+
 def _yield_to_hub() -> None:
-    import gevent     # imported here: the master (which never imports gevent) loads config only
-    gevent.sleep(0)
-
-
-_gevent_socket = None     # gevent.socket, once a worker reads (the master never imports gevent)
+    if _gevent is None:
+        _load_gevent()
+    _gevent.sleep(0)
 
 
 def throw_after(seconds: float, expired, hub=None):
@@ -58,9 +70,10 @@ def throw_after(seconds: float, expired, hub=None):
     it fires) into the calling greenlet after ``seconds``; the caller closes it.  What
     gevent's ``Timeout`` does, at a third of the cost (no Timeout object, which is an
     exception instance with a timer of its own)."""
-    from gevent import get_hub, getcurrent
-    timer = (hub or get_hub()).loop.timer(max(seconds, 0.0), priority=-1)
-    timer.start(getcurrent().throw, expired, update=True)
+    if _gevent is None:
+        _load_gevent()
+    timer = (hub or _gevent.get_hub()).loop.timer(max(seconds, 0.0), priority=-1)
+    timer.start(_gevent.getcurrent().throw, expired, update=True)
     return timer
 
 
@@ -68,8 +81,9 @@ def wait_io(watcher, timeout: float | None, expired) -> None:
     """Wait until ``watcher`` (an I/O watcher, not started) fires; raise ``expired`` (as
     throw_after) after ``timeout`` seconds (gevent's ``wait`` with a ``Timeout`` per call
     cost 2.1 µs against 0.6 here, and every login waits four times)."""
-    from gevent import get_hub
-    hub = get_hub()
+    if _gevent is None:
+        _load_gevent()
+    hub = _gevent.get_hub()
     if timeout is None:
         hub.wait(watcher)
         return
@@ -80,12 +94,20 @@ def wait_io(watcher, timeout: float | None, expired) -> None:
         timer.close()
 
 
-def _plain_socket_module():
-    global _gevent_socket
+def plain_socket_type() -> type:
+    """gevent's socket class (a plain, not TLS, connection is one)."""
     if _gevent_socket is None:
-        from gevent import socket as gsocket
-        _gevent_socket = gsocket
-    return _gevent_socket
+        _load_gevent()
+    return _gevent_socket.socket
+
+
+def is_tls(sock) -> bool:
+    """Whether ``sock`` is a TLS connection (gateway.tlsconn's have ``is_tls``).  A plain
+    gevent socket is told by its type: asked for a name it lacks, its ``__getattr__`` makes
+    and formats an AttributeError (three per login, when each place asked the socket)."""
+    if type(sock) is plain_socket_type():
+        return False
+    return getattr(sock, "is_tls", False)
 
 
 class StreamReader:
@@ -150,9 +172,8 @@ class StreamReader:
         sock = self.sock
         try:
             sock.settimeout(timeout)    # (also bounds the next sendall on this socket)
-            gsocket = _plain_socket_module()
-            if type(sock) is gsocket.socket:
-                data = self._recv_plain(sock, gsocket, timeout)
+            if type(sock) is plain_socket_type():
+                data = self._recv_plain(sock, timeout)
             else:     # TLS: bytes may wait decrypted inside OpenSSL; its recv waits itself
                 data = sock.recv(self.recv_size)
         except socket.timeout:
@@ -170,7 +191,7 @@ class StreamReader:
         # untagged ID answer, its tagged LOGIN answer still being worked out).
         self.answer_due = data[-1:] == b"\n"
 
-    def _recv_plain(self, sock, gsocket, timeout: float | None) -> bytes:
+    def _recv_plain(self, sock, timeout: float | None) -> bytes:
         """recv on a plain gevent socket's descriptor, waiting on its own read watcher when
         nothing is there (first, when an answer is due).  A wait lets the loop run the
         other sessions: the pacing clock starts again after it."""

@@ -22,6 +22,7 @@ from gevent import get_hub
 from OpenSSL import SSL
 
 from gateway.relay import READ, WRITE, Relay, _buffer, _raw, _view, account_read, read_or_finish
+from gateway.stream import is_tls
 from gateway.tlsconn import _ssl_reason
 
 RECORD = 16384
@@ -123,7 +124,7 @@ class _TlsEnd:
 
 
 def _endpoint(sock):
-    return _TlsEnd(sock) if getattr(sock, "is_tls", False) else _PlainEnd(sock)
+    return _TlsEnd(sock) if is_tls(sock) else _PlainEnd(sock)
 
 
 class _Direction:
