@@ -13,6 +13,7 @@ receives a password: sessions pass login names, never credentials or AUTH payloa
 """
 from __future__ import annotations
 
+import _thread
 import json
 import logging
 import os
@@ -31,6 +32,10 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
+    # The C RLock, which gevent leaves alone: in a worker, gevent's patching makes logging's
+    # own lock a Python RLock over a gevent lock (four Python calls per line).  No greenlet
+    # can switch inside a write to stderr, and real threads still exclude each other.
+    handler.lock = _thread.RLock()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(FORMAT))
     root.addHandler(handler)
     global _direct

@@ -8,6 +8,7 @@ connect_timeout + login_timeout.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from gateway import sasl, session
@@ -61,11 +62,17 @@ def _greet(connection: BackendConnection, forward: bytes) -> bool:
         ahead = forward
     connection.send(b"CAPA\r\n" + ahead)
     if connection.read_line().startswith(b"+OK"):
-        connection.capabilities.update(line.decode("ascii", "replace").upper()
-                                       for line in connection.read_multiline(MAX_CAPA_LINES))
+        connection.capabilities.update(
+            _capability_names(tuple(connection.read_multiline(MAX_CAPA_LINES))))
     if ahead:
         _forward_answer(connection)
     return bool(ahead)
+
+
+@functools.lru_cache(maxsize=64)
+def _capability_names(lines: tuple[bytes, ...]) -> frozenset[str]:
+    """A CAPA list's lines as the names kept (a back-end answers every login alike)."""
+    return frozenset(line.decode("ascii", "replace").upper() for line in lines)
 
 
 def _forward_line(address: str, port: int, session_id: str) -> bytes:
