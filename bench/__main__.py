@@ -49,7 +49,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--noops", type=int, help="NOOPs timed per target and round "
                                                   "(default 20000; --quick 2000)")
     parser.add_argument("--idle", type=int, help="idle connections (default 1000)")
-    parser.add_argument("--rounds", type=int, help="rounds of sessions and FETCH (default 2)")
+    parser.add_argument("--rounds", type=int, help="rounds of sessions, FETCH and NOOP (default 2)")
     parser.add_argument("--users", type=int, default=32, help="test users in Dovecot")
     parser.add_argument("--gateway-log-level", default="info")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the JSON goes")
@@ -160,9 +160,10 @@ def run_single_phases(stack, options, targets, results: dict) -> None:
                                                          options.fetch_connections),
                     lambda t, r: scenarios.pooled_fetch(r, t.proxy_pgid is not None))
     if "noop" in options.only:
-        _rounds(stack, options, targets, results, "noop",
-                lambda t: scenarios.noop(t, stack, options.noops),
-                lambda t, r: scenarios.pooled_noop(r))
+        stack.wait_backend_idle()
+        _progress(f"noop: {options.noops} x {options.rounds} per target, "
+                  f"in turns of {scenarios.NOOP_BLOCK}")
+        results["noop"] = scenarios.noop(targets, stack, options.noops, options.rounds)
     if "memory" in options.only:
         results["memory"] = {}
         for target in targets[1:]:

@@ -7,7 +7,8 @@
 - ``syscalls``: the same sessions for a short window with ``strace -c -f`` attached to the
   proxy's processes (Dovecot's for direct): system calls per session, and the top calls.
 - ``fetch``: connections FETCHing a big message (BODY.PEEK[]) repeatedly, in parallel; MB/s.
-- ``noop``: one logged-in connection, sequential NOOPs; latency percentiles.
+- ``noop``: one logged-in connection per target, sequential NOOPs, the targets taking
+  turns in blocks; latency percentiles.
 - ``idle_memory``: many logged-in idle connections; the proxy's memory growth per connection.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ SPAWN_MARGIN = 1.0     # seconds for the client processes to start before the wi
 MAX_FETCH_ROUNDS = 10000
 MIN_FETCH_ROUNDS = 3
 NOOP_WARMUP = 500
+NOOP_BLOCK = 1000       # NOOPs of one target before the next takes its turn
 IDLE_OPENERS = 8       # threads opening the idle connections
 THREADS_PER_PROCESS = 10   # concurrent clients per load-generator process
 STRACE_ATTACH = 1.0    # seconds for strace to attach before its window opens
@@ -276,26 +278,57 @@ def fetch(target, stack, mailbox: str, seconds: float, connections: int = 4) -> 
             "proxy_cpu_ms_per_100mb": proxy_cpu / moved * 1e11 if target.proxy_pgid else None}
 
 
-def noop(target, stack, count: int) -> dict:
-    """Latency of ``count`` sequential NOOPs on one logged-in connection, in µs."""
+def noop(targets, stack, count: int, rounds: int) -> dict:
+    """NOOP latency in µs, one logged-in connection per target, ``count`` sequential NOOPs
+    per target and round.  The targets take turns in blocks of NOOP_BLOCK (the order
+    rotating), so that a noisy minute of this shared machine falls on every target alike;
+    whole rounds one after another had put it on one target (the two rounds of one target
+    differed by up to 40 µs at p99).  Per target: the percentiles of all its samples, and
+    each round's (``rounds``, ``spread``)."""
     login, password = stack.session_users[0]
-    wire = _logged_in(target, login, password)
-    samples = []
+    wires: dict = {}
     try:
-        for _ in range(NOOP_WARMUP):
-            wire.command(b"NOOP")
+        for target in targets:
+            wires[target.name] = _logged_in(target, login, password)
+        for wire in wires.values():
+            for _ in range(NOOP_WARMUP):
+                wire.command(b"NOOP")
+        names = list(wires)
+        samples = {name: [[] for _ in range(rounds)] for name in names}
+        blocks = [NOOP_BLOCK] * (count // NOOP_BLOCK) + \
+            ([count % NOOP_BLOCK] if count % NOOP_BLOCK else [])
         clock = time.perf_counter_ns
-        for _ in range(count):
-            begin = clock()
-            wire.command(b"NOOP")
-            samples.append(clock() - begin)
-        wire.logout()
+        turn = 0
+        for number in range(rounds):
+            for size in blocks:
+                shift = turn % len(names)
+                turn += 1
+                for name in names[shift:] + names[:shift]:
+                    command, kept = wires[name].command, samples[name][number]
+                    for _ in range(size):
+                        begin = clock()
+                        command(b"NOOP")
+                        kept.append(clock() - begin)
+        for wire in wires.values():
+            wire.logout()
     finally:
-        wire.close()
-    samples.sort()
-    return {"count": count, "p50_us": _percentile(samples, 50) / 1e3,
+        for wire in wires.values():
+            wire.close()
+    figures = {}
+    for name in names:
+        per_round = [_latencies(sorted(kept)) for kept in samples[name]]
+        merged = _latencies(sorted(sample for kept in samples[name] for sample in kept))
+        merged.update(rounds=per_round, block=NOOP_BLOCK,
+                      spread={key: [r[key] for r in per_round] for key in ("p50_us", "p99_us")})
+        figures[name] = merged
+    return figures
+
+
+def _latencies(samples: list[int]) -> dict:
+    """Percentiles and mean of sorted nanosecond samples, in µs."""
+    return {"count": len(samples), "p50_us": _percentile(samples, 50) / 1e3,
             "p90_us": _percentile(samples, 90) / 1e3, "p99_us": _percentile(samples, 99) / 1e3,
-            "mean_us": statistics.fmean(samples) / 1e3}
+            "mean_us": statistics.fmean(samples) / 1e3 if samples else 0.0}
 
 
 def idle_memory(target, stack, count: int, settle: float = 1.5) -> dict:
@@ -368,15 +401,6 @@ def pooled_sessions(rounds: list[dict]) -> dict:
             (merged["proxy_cpu_s"] + merged["helper_cpu_s"]) / done * 1e6 if done else None
     merged["spread"] = {key: [r[key] for r in rounds] for key in
                         ("sessions_per_s", "total_cpu_us_per_session", "proxy_cpu_us_per_session")}
-    return merged
-
-
-def pooled_noop(rounds: list[dict]) -> dict:
-    """Several ``noop`` runs of one target: medians of the percentiles, each run kept."""
-    merged = {key: statistics.median(r[key] for r in rounds)
-              for key in ("p50_us", "p90_us", "p99_us", "mean_us")}
-    merged.update(count=sum(r["count"] for r in rounds), rounds=rounds,
-                  spread={key: [r[key] for r in rounds] for key in ("p50_us", "p99_us")})
     return merged
 
 
