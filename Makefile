@@ -1,8 +1,11 @@
 # mailgate — the two commands: `make run` and `make test`.
-# The distribution's interpreter when there is one: Debian builds /usr/bin/python3 with PGO
-# and LTO, and a login costs about 10 % less CPU on it than on a plain source build of the
-# same version (README, Benchmarks).  `make PYTHON=...` picks another.
-PYTHON ?= $(firstword $(wildcard /usr/bin/python3) python3)
+# The distribution's interpreter when there is one of 3.11 or later (tomllib): Debian builds
+# /usr/bin/python3 with PGO and LTO, and a login costs about 10 % less CPU on it than on a
+# plain source build of the same version (README, Benchmarks).  Otherwise the python3 in
+# PATH; `make PYTHON=...` picks another.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell /usr/bin/python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo /usr/bin/python3 || echo python3)
+endif
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # A .venv made by another interpreter than $(PYTHON) is made again.
