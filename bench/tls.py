@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import imaplib
 import json
+import shutil
 import socket
 import ssl
 import tempfile
@@ -81,6 +82,13 @@ def idle_kib(gateway, port: int, context: ssl.SSLContext | None, count: int) -> 
 
 def run(seconds: float, sessions: int) -> dict:
     root = Path(tempfile.mkdtemp(prefix="mailgate-bench-tls-"))
+    try:
+        return _measure(root, seconds, sessions)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)   # the servers' folders, the CA
+
+
+def _measure(root: Path, seconds: float, sessions: int) -> dict:
     ca = TestCA(root / "ca")
     cert, key = ca.issue("gw", ["127.0.0.1"])
     context = ssl.create_default_context(cafile=str(ca.path))

@@ -1,15 +1,25 @@
 """Small test helpers that are neither servers nor clients."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import random
 import re
+import shutil
 import socket
+import tempfile
 import threading
 import time
 
 # How the replay tests cut a stream: as a network might deliver it.
 SPLIT_MODES = ["whole", "lines", "bytes", "random1", "random2", "random3"]
+
+
+def run_dir() -> str:
+    """A folder for a test module's ``[server] run_dir``, removed when the test run ends."""
+    path = tempfile.mkdtemp(prefix="mailgate-test-run-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def split(stream: bytes, mode: str) -> list[bytes]:

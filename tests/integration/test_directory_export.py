@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import socket
-import tempfile
 import time
 
 import msgpack
@@ -17,7 +16,7 @@ from gateway.directory.cli import cmd_lookup, cmd_sync_export
 from gateway.directory.export import ExportEntry, ExportError, iter_csv
 from gateway.directory.records import MailboxRecord
 from gateway.directory.sync import SyncBusy, full_sync
-from helpers import hammer_lookups
+from helpers import hammer_lookups, run_dir
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +26,7 @@ BACKENDS = {
 }
 
 
-RUN_DIR = tempfile.mkdtemp(prefix="mailgate-test-run-")
+RUN_DIR = run_dir()
 
 
 def make_config(url: str, *, default_domain: str = "", timeout: float = 5.0):

@@ -5,14 +5,13 @@ import io
 import socket
 import subprocess
 import sys
-import tempfile
 
 import ldap3
 import pytest
 import redis
 
 import directory_data as data
-from helpers import hammer_lookups
+from helpers import hammer_lookups, run_dir
 from gateway import config as gateway_config
 from gateway.directory import records
 from gateway.directory.cache import Directory, DirectoryUnavailable
@@ -21,7 +20,7 @@ from gateway.directory.cli import cmd_lookup, cmd_sync_ldap
 pytestmark = pytest.mark.integration
 
 
-RUN_DIR = tempfile.mkdtemp(prefix="mailgate-test-run-")
+RUN_DIR = run_dir()
 
 
 def make_config(url: str, directory: dict):
