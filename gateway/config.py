@@ -378,12 +378,10 @@ class _Reader:
                 raise self.fail(key, "must be true or false")
             return value
         if isinstance(default, (int, float)):
-            if isinstance(default, float) and isinstance(value, (int, float)) \
-                    and not isinstance(value, bool):
-                value = float(value)
-            elif not isinstance(value, type(default)) or isinstance(value, bool):
-                raise self.fail(key, "must be an integer" if isinstance(default, int)
-                                else "must be a number")
+            integer = isinstance(default, int)
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+                raise self.fail(key, "must be an integer" if integer else "must be a number")
+            value = type(default)(value)      # a float key takes 5 as 5.0
             if value < 0:
                 raise self.fail(key, "must not be negative")
             return value

@@ -3,8 +3,6 @@ framer), the lines the gateway sends, its CAPA.  The login sequence is gateway.p
 """
 from __future__ import annotations
 
-import functools
-
 from gateway.pop3.framer import LineFramer, TooLong
 from gateway.session import Failure, LoginError, Target
 from gateway.stream import ReadError, StreamReader
@@ -27,11 +25,6 @@ def _block(raw: bytes, start: int, max_lines: int) -> tuple[list[bytes], int] | 
     if max(map(len, lines)) + 2 > MAX_LINE:
         return None
     return lines, end + 5
-
-
-@functools.lru_cache(maxsize=64)
-def _offers_plain(capabilities: frozenset[str]) -> bool:
-    return any(c.startswith("SASL ") and "PLAIN" in c.split() for c in capabilities)
 
 
 class BackendConnection:
@@ -95,4 +88,4 @@ class BackendConnection:
             pass
 
     def offers_plain(self) -> bool:
-        return _offers_plain(frozenset(self.capabilities))
+        return any(c.startswith("SASL ") and "PLAIN" in c.split() for c in self.capabilities)
