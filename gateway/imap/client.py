@@ -147,26 +147,28 @@ class ImapSession(session_mod.Session):
             return
         handler(command)
 
-    def reply(self, tag: str, text: str) -> None:
-        self.send(tag.encode() + b" " + text.encode() + b"\r\n")
+    def reply(self, tag: str, text: str, untagged: bytes = b"", after: bytes = b"") -> None:
+        """The tagged answer, with the untagged lines that go before or after it in the same
+        write (one send, one wake-up of the client, as a server answers in one buffer)."""
+        self.send(untagged + tag.encode() + b" " + text.encode() + b"\r\n" + after)
 
     def bad(self, tag: str, text: str) -> None:
         self.bad_commands += 1
-        self.reply(tag, f"BAD {text}")
         if self.bad_commands >= MAX_BAD_COMMANDS:
-            self.send(b"* BYE Too many invalid IMAP commands.\r\n")
+            self.reply(tag, f"BAD {text}", after=b"* BYE Too many invalid IMAP commands.\r\n")
             raise ClientGone("too many invalid commands")
+        self.reply(tag, f"BAD {text}")
 
     def cmd_CAPABILITY(self, command) -> None:
-        self.send(b"* CAPABILITY " + self.capabilities() + b"\r\n")
-        self.reply(command.tag, "OK Pre-login capabilities listed, post-login capabilities have more.")
+        self.reply(command.tag,
+                   "OK Pre-login capabilities listed, post-login capabilities have more.",
+                   untagged=b"* CAPABILITY " + self.capabilities() + b"\r\n")
 
     def cmd_NOOP(self, command) -> None:
         self.reply(command.tag, "OK NOOP completed.")
 
     def cmd_LOGOUT(self, command) -> None:
-        self.send(b"* BYE Logging out\r\n")
-        self.reply(command.tag, "OK Logout completed.")
+        self.reply(command.tag, "OK Logout completed.", untagged=b"* BYE Logging out\r\n")
         self.end("logout")
         self.closing = True
 
@@ -195,8 +197,7 @@ class ImapSession(session_mod.Session):
         elif not _is_nil(fields):
             self.bad(command.tag, "ID argument must be a list or NIL.")
             return
-        self.send(b'* ID ("name" "mailgate")\r\n')
-        self.reply(command.tag, "OK ID completed.")
+        self.reply(command.tag, "OK ID completed.", untagged=b'* ID ("name" "mailgate")\r\n')
 
     def refuse_cleartext(self, tag: str) -> bool:
         """True (answered) when this login must wait for TLS."""

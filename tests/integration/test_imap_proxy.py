@@ -73,6 +73,37 @@ def test_id_is_answered_before_login(gateway):
     assert lines[-1].startswith(b"a OK")
 
 
+def test_too_many_invalid_commands_end_the_connection(gateway):
+    """The tenth BAD comes with a BYE in the same answer, then the gateway closes (as
+    Dovecot does)."""
+    raw = Raw(gateway.imap_port)
+    raw.send(b"".join(b"t%d FROB\r\n" % n for n in range(12)))
+    lines = raw.until_tagged(b"t9")
+    assert [line.split()[1] for line in lines] == [b"BAD"] * 10
+    assert raw.line() == b"* BYE Too many invalid IMAP commands."
+    assert raw.closed()
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    """Segments with data this socket has received (Linux tcp_info.tcpi_data_segs_in)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
+    return int.from_bytes(info[152:156], "little")
+
+
+@pytest.mark.parametrize("command,untagged", [(b"a CAPABILITY", b"* CAPABILITY "),
+                                              (b'a ID ("name" "pytest")', b"* ID "),
+                                              (b"a LOGOUT", b"* BYE ")])
+def test_an_answer_with_untagged_data_is_one_write(gateway, command, untagged):
+    """The untagged line and the tagged one leave in one send: the client gets one segment
+    (the listener has TCP_NODELAY, so two sends were two segments and two wake-ups)."""
+    raw = Raw(gateway.imap_port)
+    before = _data_segments_in(raw.sock)
+    raw.send(command + b"\r\n")
+    lines = raw.until_tagged(b"a")
+    assert lines[0].startswith(untagged) and lines[-1].startswith(b"a OK")
+    assert _data_segments_in(raw.sock) - before == 1
+
+
 # -- routing ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("user,home", [("alice@example.com", "a"), ("bob@example.com", "b")])
