@@ -7,6 +7,7 @@ discarded in large ``recv_into`` reads without being copied.
 from __future__ import annotations
 
 import socket
+import ssl
 
 RECV_SIZE = 1 << 20
 MAX_LINE = 1 << 16
@@ -24,10 +25,16 @@ def quote(text: str) -> bytes:
 class Wire:
     """One IMAP connection: tagged commands in, raw lines out; ``close()`` is idempotent."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0, source: str | None = None):
+    def __init__(self, host: str, port: int, timeout: float = 10.0, source: str | None = None,
+                 tls_ca: str | None = None):
+        """``tls_ca``: speak TLS from the first byte (IMAPS), trusting that CA file."""
         self.sock = socket.create_connection((host, port), timeout=timeout,
                                              source_address=(source, 0) if source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls_ca is not None:
+            context = ssl.create_default_context(cafile=tls_ca)
+            context.check_hostname = False
+            self.sock = context.wrap_socket(self.sock)
         self.buffer = bytearray()
         self.sink = memoryview(bytearray(RECV_SIZE))   # FETCH literals land here
         self.tag_number = 0

@@ -66,12 +66,28 @@ class NginxMailProxy(servers._Process):
 
     name = "nginx"
 
-    def __init__(self, tmpdir, auth_http_port: int, workers: int = 2):
+    def __init__(self, tmpdir, auth_http_port: int, workers: int = 2,
+                 ssl_files: tuple | None = None):
         super().__init__(tmpdir)
         self.auth_http_port = auth_http_port
         self.workers = workers
         self.host, self.imap_port, self.pop3_port = servers.LOOPBACK, 0, 0
+        self.ssl_files = ssl_files     # (cert, key): an IMAPS listener too, on imaps_port
+        self.imaps_port = 0
         self.error_log = self.tmpdir / "error.log"
+
+    def _imaps(self) -> str:
+        if not self.ssl_files:
+            return ""
+        cert, key = self.ssl_files
+        return f"""\
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    server {{
+        listen {self.host}:{self.imaps_port} ssl backlog=4096;
+        protocol imap;
+    }}
+"""
 
     def config(self) -> str:
         return f"""\
@@ -98,7 +114,7 @@ mail {{
         listen {self.host}:{self.pop3_port} backlog=4096;
         protocol pop3;
     }}
-}}
+{self._imaps()}}}
 """
 
     def start(self) -> "NginxMailProxy":
@@ -107,6 +123,8 @@ mail {{
             raise FileNotFoundError(reason)
         self.imap_port = servers.free_port()
         self.pop3_port = servers.free_port()
+        if self.ssl_files:
+            self.imaps_port = servers.free_port()
         conf = self.tmpdir / "nginx.conf"
         conf.write_text(self.config())
         self._spawn([servers.find_binary("nginx"), "-p", str(self.tmpdir), "-c", str(conf),

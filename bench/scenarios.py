@@ -234,8 +234,8 @@ def _logged_in(target, login: str, password: str, timeout: float = 30.0) -> Wire
 
 def _fetch_client(job) -> dict:
     """One connection: FETCH the big message until ``stop_at`` (at least MIN_FETCH_ROUNDS)."""
-    host, port, login, password, start_at, stop_at = job
-    wire = Wire(host, port, 30.0)
+    host, port, login, password, start_at, stop_at, tls_ca = job
+    wire = Wire(host, port, 30.0, tls_ca=tls_ca)
     try:
         wire.greeting()
         wire.login(login, password)
@@ -259,23 +259,31 @@ def fetch(target, stack, mailbox: str, seconds: float, connections: int = 4) -> 
     """MB/s (10^6 bytes) of ``FETCH 1 BODY.PEEK[]`` repeated over ``connections`` parallel
     connections (one client process each)."""
     login = f"{mailbox}@bench.test"
+    return fetch_from(target.host, target.port, login, stack.users[login], seconds,
+                      connections, lambda: target.proxy_pids() if target.proxy_pgid else None)
+
+
+def fetch_from(host: str, port: int, login: str, password: str, seconds: float,
+               connections: int, proxy_pids, tls_ca: str | None = None) -> dict:
+    """``fetch`` for any IMAP (``tls_ca``: IMAPS) port; ``proxy_pids()`` names the processes
+    whose CPU is the relay's (None: a direct connection, no proxy CPU)."""
     start_at = time.monotonic() + SPAWN_MARGIN + 1.0
     stop_at = start_at + seconds
-    jobs = [(target.host, target.port, login, stack.users[login], start_at, stop_at)] \
-        * connections
+    jobs = [(host, port, login, password, start_at, stop_at, tls_ca)] * connections
     with multiprocessing.get_context("fork").Pool(connections, _client_init) as pool:
         pending = pool.map_async(_fetch_client, jobs, chunksize=1)
         _sleep_until(start_at)
-        before = _snapshot(target, stack)
+        pids = proxy_pids()
+        before = procstats.cpu_seconds(pids or [])
         per_connection = pending.get(timeout=seconds + 300)
-        after = _snapshot(target, stack)
+        after = procstats.cpu_seconds(pids or [])
     moved = sum(c["bytes"] for c in per_connection)
     elapsed = max(c["seconds"] for c in per_connection)
-    proxy_cpu = procstats.cpu_used(before["proxy"], after["proxy"])
+    proxy_cpu = procstats.cpu_used(before, after)
     return {"message_bytes": per_connection[0]["message_bytes"], "connections": connections,
             "rounds": sum(c["rounds"] for c in per_connection), "seconds": elapsed,
             "bytes": moved, "proxy_cpu_s": proxy_cpu, "mb_per_s": moved / elapsed / 1e6,
-            "proxy_cpu_ms_per_100mb": proxy_cpu / moved * 1e11 if target.proxy_pgid else None}
+            "proxy_cpu_ms_per_100mb": proxy_cpu / moved * 1e11 if pids else None}
 
 
 def noop(targets, stack, count: int, rounds: int) -> dict:
