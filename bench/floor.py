@@ -2,15 +2,18 @@
 of a bare gevent proxy (bench/floorproxy.py: a greenlet per login, a callback relay, no
 features) next to mailgate (one worker), nginx (one worker) and direct Dovecot, same run.
 
-    python -m bench.floor [--seconds 5] [--rounds 2] [--clients 50]
+    python -m bench.floor [--seconds 5] [--rounds 2] [--clients 50] [--burn-us N]
 
 The same session loops as ``python -m bench`` (IMAP: LOGIN SELECT FETCH LOGOUT; POP3: USER
 PASS STAT QUIT); rounds alternate the targets.  CPU is the proxy's processes (mailgate with
 its Redis, nginx with its auth_http) from /proc; the figures go to bench/results/floor.json (``--json``).
+``--burn-us N`` adds a target "burn": the floor proxy burning N µs of CPU per login in a busy
+loop, which tells what a dearer proxy alone does to sessions/s and to Dovecot's CPU here.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import statistics
@@ -31,32 +34,39 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(seconds: float, rounds: int, clients: int) -> dict:
+def _start_floor(dovecot, burn_us: float) -> tuple[subprocess.Popen, int, int]:
+    imap_port, pop3_port = _free_port(), _free_port()
+    floor = subprocess.Popen(
+        [sys.executable, "-m", "bench.floorproxy", dovecot.host, str(dovecot.imap_port),
+         str(dovecot.pop3_port), str(imap_port), str(pop3_port), str(burn_us)],
+        stdout=subprocess.PIPE, start_new_session=True)
+    if floor.stdout.readline().strip() != b"ready":
+        floor.kill()
+        floor.wait()
+        raise RuntimeError("the floor proxy did not start")
+    return floor, imap_port, pop3_port
+
+
+def run(seconds: float, rounds: int, clients: int, burn_us: float = 0.0) -> dict:
     figures: dict = {}
-    with Stack(32, ("direct", "mailgate", "nginx"), workers=1) as stack:
-        dovecot = stack.dovecot
-        imap_port, pop3_port = _free_port(), _free_port()
-        floor = subprocess.Popen(
-            [sys.executable, "-m", "bench.floorproxy", dovecot.host, str(dovecot.imap_port),
-             str(dovecot.pop3_port), str(imap_port), str(pop3_port)],
-            stdout=subprocess.PIPE, start_new_session=True)
-        try:
-            if floor.stdout.readline().strip() != b"ready":
-                raise RuntimeError("the floor proxy did not start")
-            targets = dict(stack.targets)
-            targets["floor"] = Target("floor", "127.0.0.1", imap_port, pop3_port, floor.pid)
-            for protocol in ("imap", "pop3"):
-                runs = {name: [] for name in ORDER}
-                for turn in range(rounds):
-                    names = ORDER if turn % 2 == 0 else tuple(reversed(ORDER))
-                    for name in names:
-                        result = scenarios.sessions(targets[name], stack, clients, seconds,
-                                                    protocol)
-                        runs[name].append(result)
-                figures[protocol] = {name: _summary(results) for name, results in runs.items()}
-        finally:
-            floor.kill()
-            floor.wait()
+    order = ORDER + (("burn",) if burn_us else ())
+    with Stack(32, ("direct", "mailgate", "nginx"), workers=1) as stack, \
+            contextlib.ExitStack() as floors:
+        targets = dict(stack.targets)
+        for name, burn in (("floor", 0.0), ("burn", burn_us)):
+            if name in order:
+                floor, imap_port, pop3_port = _start_floor(stack.dovecot, burn)
+                floors.callback(floor.wait)
+                floors.callback(floor.kill)
+                targets[name] = Target(name, "127.0.0.1", imap_port, pop3_port, floor.pid)
+        for protocol in ("imap", "pop3"):
+            runs = {name: [] for name in order}
+            for turn in range(rounds):
+                names = order if turn % 2 == 0 else tuple(reversed(order))
+                for name in names:
+                    result = scenarios.sessions(targets[name], stack, clients, seconds, protocol)
+                    runs[name].append(result)
+            figures[protocol] = {name: _summary(results) for name, results in runs.items()}
     return figures
 
 
@@ -73,21 +83,22 @@ def _summary(results: list[dict]) -> dict:
 
 
 def table(figures: dict) -> str:
-    lines = [f"{'':34}" + "".join(f"{name:>16}" for name in ORDER)]
+    order = [name for name in ORDER + ("burn",) if name in figures["imap"]]
+    lines = [f"{'':34}" + "".join(f"{name:>16}" for name in order)]
     for protocol, by_target in figures.items():
         direct = by_target["direct"]["sessions_per_s"]
         row = f"{protocol.upper() + ' sessions/s (ratio)':34}"
-        for name in ORDER:
+        for name in order:
             rate = by_target[name]["sessions_per_s"]
             row += f"{rate:>9.0f} ({rate / direct:.2f}x)" if name != "direct" else f"{rate:>16.0f}"
         lines.append(row)
         row = f"{'  proxy CPU us/session':34}"
-        for name in ORDER:
+        for name in order:
             cpu = by_target[name]["cpu_us_per_session"]
             row += f"{'-':>16}" if cpu is None else f"{cpu:>16.0f}"
         lines.append(row)
         row = f"{'  Dovecot CPU us/session':34}"
-        for name in ORDER:
+        for name in order:
             row += f"{by_target[name]['dovecot_cpu_us_per_session']:>16.0f}"
         lines.append(row)
     return "\n".join(lines)
@@ -99,8 +110,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--json", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--burn-us", type=float, default=0.0,
+                        help="add the floor proxy burning this much CPU per login (µs)")
     args = parser.parse_args(argv)
-    figures = run(args.seconds, max(1, args.rounds), args.clients)
+    figures = run(args.seconds, max(1, args.rounds), args.clients, args.burn_us)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
     print(table(figures))

@@ -9,13 +9,19 @@ client's line, no logs or metrics, one fixed back-end.  It is not a proxy anyone
 it exists so that ``python -m bench.floor`` can show how much of mailgate's cost per session
 is Python and gevent themselves, and how much is mailgate.
 
-    python -m bench.floorproxy BACKEND_HOST IMAP_PORT POP3_PORT LISTEN_IMAP LISTEN_POP3
+    python -m bench.floorproxy BACKEND_HOST IMAP_PORT POP3_PORT LISTEN_IMAP LISTEN_POP3 [BURN_US]
+
+``BURN_US``: CPU time to burn per login in a busy loop, half before the back-end is
+connected and half after its answer (``python -m bench.floor --burn-us``): the floor made
+as dear as mailgate with no other difference, to see what a dearer proxy alone does to the
+sessions/s and to the back-end's CPU on shared cores.
 """
 from __future__ import annotations
 
 import base64
 import socket
 import sys
+import time
 
 import gevent
 from gevent import get_hub
@@ -68,6 +74,17 @@ def _until(sock, mark: bytes, data: bytes = b"\r\n") -> bytes:
     return data
 
 
+_burn_seconds = 0.0
+
+
+def _burn() -> None:
+    """Spend _burn_seconds of this thread's CPU time (half of BURN_US)."""
+    if _burn_seconds:
+        until = time.thread_time() + _burn_seconds
+        while time.thread_time() < until:
+            pass
+
+
 def _backend(host: str, port: int):
     sock = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -82,6 +99,7 @@ def serve(backend_host: str, imap_backend: int, pop3_backend: int, imap_port: in
         client.sendall(b"* OK floor ready\r\n")
         tag, _, user, password = client.recv(4096).split()[:4]
         user, password = user.strip(b'"'), password.strip(b'"')
+        _burn()
         backend = _backend(backend_host, imap_backend)
         backend.recv(4096)
         backend.sendall(
@@ -92,6 +110,7 @@ def serve(backend_host: str, imap_backend: int, pop3_backend: int, imap_port: in
                len(password), password))
         answers = _until(backend, b"\r\n" + tag + b" ")
         client.sendall(answers[answers.index(b"\r\n" + tag + b" ") + 2:])
+        _burn()
         _Relay(client, backend)
 
     def pop3(client, address):
@@ -100,6 +119,7 @@ def serve(backend_host: str, imap_backend: int, pop3_backend: int, imap_port: in
         user = client.recv(4096).split()[1]
         client.sendall(b"+OK\r\n")
         password = client.recv(4096).split()[1]
+        _burn()
         backend = _backend(backend_host, pop3_backend)
         backend.recv(4096)
         backend.sendall(b"CAPA\r\n")
@@ -110,6 +130,7 @@ def serve(backend_host: str, imap_backend: int, pop3_backend: int, imap_port: in
         backend.sendall(b"AUTH PLAIN %s\r\n"
                         % base64.b64encode(b"\0" + user + b"\0" + password))
         client.sendall(backend.recv(4096))
+        _burn()
         _Relay(client, backend)
 
     for port, handle in ((imap_port, imap), (pop3_port, pop3)):
@@ -121,5 +142,6 @@ def serve(backend_host: str, imap_backend: int, pop3_backend: int, imap_port: in
 
 
 if __name__ == "__main__":
-    host, *ports = sys.argv[1:]
+    host, *ports = sys.argv[1:6]
+    _burn_seconds = float(sys.argv[6]) / 2e6 if len(sys.argv) > 6 else 0.0
     serve(host, *(int(p) for p in ports))

@@ -65,19 +65,20 @@ def test_quick_noop_bench_prints_the_table_and_stops_everything(tmp_path):
 
 
 def test_floor_bench_prints_its_table_and_stops_everything(tmp_path):
-    """``python -m bench.floor``: the bare gevent proxy next to mailgate, nginx and direct."""
+    """``python -m bench.floor``: the bare gevent proxy next to mailgate, nginx and direct,
+    and (``--burn-us``) the same proxy burning CPU per login."""
     _require_servers()
     result_path = tmp_path / "floor.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.floor", "--seconds", "0.5", "--rounds", "1",
-         "--clients", "4", "--json", str(result_path)],
+         "--clients", "4", "--burn-us", "50", "--json", str(result_path)],
         cwd=servers.REPO_ROOT, capture_output=True, text=True, timeout=180,
         env=dict(os.environ, PYTHONPATH=str(servers.REPO_ROOT)))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "IMAP sessions/s" in done.stdout and "POP3 sessions/s" in done.stdout
     results = json.loads(result_path.read_text())
     for protocol in ("imap", "pop3"):
-        for target in ("direct", "floor", "mailgate", "nginx"):
+        for target in ("direct", "floor", "mailgate", "nginx", "burn"):
             assert results[protocol][target]["errors"] == 0
             assert results[protocol][target]["sessions_per_s"] > 0
     assert not _processes_mentioning("bench.floorproxy")
