@@ -77,11 +77,14 @@ def test_too_many_invalid_commands_end_the_connection(gateway):
     """The tenth BAD comes with a BYE in the same answer, then the gateway closes (as
     Dovecot does)."""
     raw = Raw(gateway.imap_port)
-    raw.send(b"".join(b"t%d FROB\r\n" % n for n in range(12)))
-    lines = raw.until_tagged(b"t9")
-    assert [line.split()[1] for line in lines] == [b"BAD"] * 10
-    assert raw.line() == b"* BYE Too many invalid IMAP commands."
-    assert raw.closed()
+    try:
+        raw.send(b"".join(b"t%d FROB\r\n" % n for n in range(12)))
+        lines = raw.until_tagged(b"t9")
+        assert [line.split()[1] for line in lines] == [b"BAD"] * 10
+        assert raw.line() == b"* BYE Too many invalid IMAP commands."
+        assert raw.closed()
+    finally:
+        raw.close()
 
 
 def _data_segments_in(sock: socket.socket) -> int:
@@ -97,11 +100,14 @@ def test_an_answer_with_untagged_data_is_one_write(gateway, command, untagged):
     """The untagged line and the tagged one leave in one send: the client gets one segment
     (the listener has TCP_NODELAY, so two sends were two segments and two wake-ups)."""
     raw = Raw(gateway.imap_port)
-    before = _data_segments_in(raw.sock)
-    raw.send(command + b"\r\n")
-    lines = raw.until_tagged(b"a")
-    assert lines[0].startswith(untagged) and lines[-1].startswith(b"a OK")
-    assert _data_segments_in(raw.sock) - before == 1
+    try:
+        before = _data_segments_in(raw.sock)
+        raw.send(command + b"\r\n")
+        lines = raw.until_tagged(b"a")
+        assert lines[0].startswith(untagged) and lines[-1].startswith(b"a OK")
+        assert _data_segments_in(raw.sock) - before == 1
+    finally:
+        raw.close()
 
 
 # -- routing ----------------------------------------------------------------------------------
