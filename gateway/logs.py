@@ -10,6 +10,14 @@ Two line formats (``[server] log_format``):
 
 Structured events go through ``event(logger, level, name, **fields)``; nothing here ever
 receives a password: sessions pass login names, never credentials or AUTH payloads.
+
+A worker holds its session-end lines (``held_event``) for up to HOLD_SECONDS and writes them
+together: written alone, in the middle of a session, a line cost the worker about 30 µs of
+CPU (6 µs in a loop of lines: alone, every piece of code it runs starts from cold caches);
+in batches of about 40, 11 µs, in writes of up to WRITE_BYTES (a session: about 5 % less CPU,
+``python -m bench.ab``).  Any other line first writes what is held, so the file keeps its
+order; a worker writes what it holds before it exits (a worker killed outright loses at
+most HOLD_SECONDS of session-end lines).
 """
 from __future__ import annotations
 
@@ -24,6 +32,10 @@ import time
 FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 FORMATS = ("text", "json")
 MAX_VALUE = 200
+HOLD_SECONDS = 0.05      # the longest a held line waits (hold_lines)
+MAX_HELD = 64            # held lines written at once however young
+WRITE_BYTES = 4096       # PIPE_BUF: a write up to this size to a pipe (or journald's socket)
+                         # is not interleaved with another worker's
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
@@ -31,15 +43,16 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     # The C RLock, which gevent leaves alone: in a worker, gevent's patching makes logging's
     # own lock a Python RLock over a gevent lock (four Python calls per line).  No greenlet
     # can switch inside a write to stderr, and real threads still exclude each other.
     handler.lock = _thread.RLock()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(FORMAT))
     root.addHandler(handler)
-    global _direct
+    global _direct, _held
     _direct = handler if fmt == "text" else None
+    _held = None           # a worker holds lines again once it calls hold_lines
     root.setLevel(level.upper())
     # No format here names the caller's file, line or function: skip the stack walk that
     # finds them for every record (the logging module's own switch for this); nor a thread
@@ -101,34 +114,105 @@ class _Event:
                         [f"{key}={_kv_value(value)}" for key, value in self.fields.items()])
 
 
-_direct: logging.StreamHandler | None = None   # setup()'s handler, for text lines
+class _Handler(logging.StreamHandler):
+    """setup()'s handler: a record first writes the lines a worker holds (the file's order)."""
+
+    def emit(self, record) -> None:
+        if _held:
+            write_held()
+        super().emit(record)
+
+
+_direct: _Handler | None = None   # setup()'s handler, for text lines
+_held: list | None = None         # (time, level, logger, _Event) while a worker holds lines
+_arm = None                       # hold_lines()'s ``schedule``
 
 
 def event(logger: logging.Logger, level: int, name: str, **fields) -> None:
     """Log one structured event (``fields`` values: str, int, float, bool or None).
 
-    Every session ends with one: while setup()'s text handler is the only one the event
-    would reach, the line is written as that handler would write it, without the logging
-    module's record and handler chain (a third of the line's cost); anything else (JSON,
-    another handler or a filter somewhere, as in a test capturing logs) goes through it."""
+    While setup()'s text handler is the only one the event would reach, the line is written
+    as that handler would write it, without the logging module's record and handler chain
+    (a third of the line's cost); anything else (JSON, another handler or a filter
+    somewhere, as in a test capturing logs) goes through it."""
+    _event(logger, level, name, fields, False)
+
+
+def held_event(logger: logging.Logger, level: int, name: str, **fields) -> None:
+    """``event``, but in a worker that holds lines (``hold_lines``) the line waits for the
+    next batch, at most HOLD_SECONDS (the session-end line)."""
+    _event(logger, level, name, fields, True)
+
+
+def _event(logger: logging.Logger, level: int, name: str, fields: dict, hold: bool) -> None:
     if not logger.isEnabledFor(level):
         return
     message = _Event(name, fields)
     handler = _direct
     if handler is not None and level >= handler.level and _reaches_only(logger, handler):
-        line = FORMAT % {"asctime": handler.formatter.time_text(time.time()),
-                         "levelname": logging.getLevelName(level), "process": _pid,
-                         "name": logger.name, "message": message} + "\n"
-        handler.acquire()
-        try:
-            handler.stream.write(line)
-            handler.stream.flush()
+        held = _held
+        if hold and held is not None:
+            held.append((time.time(), level, logger.name, message))
+            if len(held) >= MAX_HELD:
+                write_held()
+            elif len(held) == 1:
+                _arm()
             return
-        except Exception:  # noqa: BLE001 - the logging module reports the failure
-            pass
-        finally:
-            handler.release()
+        if _write(handler, [_line(handler, time.time(), level, logger.name, message)]):
+            return
     logger.log(level, message)
+
+
+def _line(handler: _Handler, created: float, level: int, name: str, message) -> str:
+    """The line ``handler`` would write for a record of these (the text format)."""
+    return FORMAT % {"asctime": handler.formatter.time_text(created),
+                     "levelname": logging.getLevelName(level), "process": _pid,
+                     "name": name, "message": message} + "\n"
+
+
+def _write(handler: _Handler, lines: list[str]) -> bool:
+    """Write held lines, then ``lines``, in writes of whole lines up to WRITE_BYTES; False
+    if the stream failed (the caller lets the logging module report it)."""
+    handler.acquire()
+    try:
+        if _held:
+            lines = [_line(handler, *item) for item in _held] + lines
+            _held.clear()
+        stream, chunk, size = handler.stream, [], 0
+        for line in lines:
+            length = len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
+            if chunk and size + length > WRITE_BYTES:
+                stream.write("".join(chunk))
+                stream.flush()
+                chunk, size = [], 0
+            chunk.append(line)
+            size += length
+        if chunk:
+            stream.write("".join(chunk))
+            stream.flush()
+        return True
+    except Exception:  # noqa: BLE001 - the logging module reports the failure
+        return False
+    finally:
+        handler.release()
+
+
+def hold_lines(schedule) -> None:
+    """From now on hold the lines of ``held_event``: ``schedule()`` is called when the first
+    one is held and must see that ``write_held()`` runs within HOLD_SECONDS (a worker: a
+    timer on its event loop).  The process must call ``write_held()`` before it exits."""
+    global _held, _arm
+    _held, _arm = [], schedule
+
+
+def write_held() -> None:
+    """Write the lines held so far (the worker's timer, MAX_HELD, any other line, exit)."""
+    handler = _direct
+    if not _held or handler is None:
+        return
+    count = len(_held)
+    if not _write(handler, []):
+        logging.getLogger(__name__).error("%d log lines could not be written", count)
 
 
 def _reaches_only(logger: logging.Logger, handler: logging.Handler) -> bool:

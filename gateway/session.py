@@ -20,7 +20,7 @@ from gateway import limits as limits_mod
 from gateway.config import BackendConfig
 from gateway.directory.cache import DirectoryUnavailable
 from gateway.directory.records import normalize_login
-from gateway.logs import event, readable
+from gateway.logs import event, held_event, readable
 from gateway.metrics import recorder
 from gateway.stream import is_tls, plain_socket_type, throw_after, wait_io
 
@@ -567,8 +567,8 @@ class Session:
 
     def log_end(self) -> None:
         """The one line a session leaves: who, where, how far it got, bytes and time."""
-        event(log, logging.INFO, "session-end", session=self.id, proto=self.protocol,
-              client=self.client_address, port=self.client_port, login=self.login_name,
-              backend=self.backend_name, listener=self.listen.address, tls=self.tls,
-              state=self.state.value, duration=time.monotonic() - self.started,
-              bytes_in=self.bytes_in, bytes_out=self.bytes_out, end=self.end_reason)
+        held_event(log, logging.INFO, "session-end", session=self.id, proto=self.protocol,
+                   client=self.client_address, port=self.client_port, login=self.login_name,
+                   backend=self.backend_name, listener=self.listen.address, tls=self.tls,
+                   state=self.state.value, duration=time.monotonic() - self.started,
+                   bytes_in=self.bytes_in, bytes_out=self.bytes_out, end=self.end_reason)

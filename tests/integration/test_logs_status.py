@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import imaplib
 import json
+import signal
 import subprocess
 import sys
+
+import pytest
 
 import servers
 from clients import ImapRaw, LineClient
@@ -54,6 +57,21 @@ def test_no_password_or_auth_payload_in_debug_logs(make_gateway):
     assert "\\x20" not in text
     assert 'end="client closed"' in text or 'end="client logged out"' in text or \
         "end=logout" in text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGQUIT])
+def test_a_stopping_worker_writes_the_session_lines_it_holds(make_gateway, sig):
+    """A worker holds its session-end lines for a moment (gateway.logs.held_event) and
+    writes them before it exits, on a graceful stop (TERM) and on a stop now (QUIT)."""
+    gateway = make_gateway(routes={ALICE: "A"})
+    clients = [try_login(gateway, ALICE, USERS_A[ALICE])[0] for _ in range(3)]
+    for client in clients[:2]:
+        client.logout()
+    gateway.stop(sig)          # the third session is still open: QUIT ends it now
+    lines = [line for line in gateway.log_text().splitlines()
+             if "event=session-end" in line and f"login={ALICE}" in line]
+    assert len(lines) == 3, gateway.log_text()[-3000:]
+    clients[2].shutdown()
 
 
 def test_json_log_lines_carry_the_session_fields(make_gateway):
