@@ -13,6 +13,13 @@ def unique_message(marker: str, size: int = 0) -> bytes:
             f"Message-ID: <{marker}@test>\r\n\r\n").encode() + body
 
 
+def data_segments_in(sock: socket.socket) -> int:
+    """Segments with data ``sock`` has received (Linux tcp_info.tcpi_data_segs_in): how many
+    writes of the peer reached it, when the peer sends with TCP_NODELAY."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
+    return int.from_bytes(info[152:156], "little")
+
+
 class LineClient:
     """Connects, reads the greeting line; ``line()`` returns one line without its CRLF."""
 

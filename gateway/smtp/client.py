@@ -101,10 +101,10 @@ class SmtpSession(session_mod.Session):
 
     def reject(self, reply: bytes) -> None:
         self.bad_commands += 1
-        self.send(reply)
-        if self.bad_commands >= MAX_BAD_COMMANDS:
-            self.try_send(b"421 4.7.0 Too many errors, closing connection\r\n")
+        if self.bad_commands >= MAX_BAD_COMMANDS:      # the reply and the 421 in one write
+            self.try_send(reply + b"421 4.7.0 Too many errors, closing connection\r\n")
             raise ClientGone("too many invalid commands")
+        self.send(reply)
 
     # -- commands before AUTH --------------------------------------------------------------------
 

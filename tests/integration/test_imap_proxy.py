@@ -12,7 +12,7 @@ import pytest
 from imapclient import IMAPClient
 
 import servers
-from clients import ImapRaw, unique_message, wait_for_exists
+from clients import ImapRaw, data_segments_in, unique_message, wait_for_exists
 from conftest import USERS_A, USERS_B
 
 AUTH_FAILED = b"[AUTHENTICATIONFAILED] Authentication failed."
@@ -87,12 +87,6 @@ def test_too_many_invalid_commands_end_the_connection(gateway):
         raw.close()
 
 
-def _data_segments_in(sock: socket.socket) -> int:
-    """Segments with data this socket has received (Linux tcp_info.tcpi_data_segs_in)."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 192)
-    return int.from_bytes(info[152:156], "little")
-
-
 @pytest.mark.parametrize("command,untagged", [(b"a CAPABILITY", b"* CAPABILITY "),
                                               (b'a ID ("name" "pytest")', b"* ID "),
                                               (b"a LOGOUT", b"* BYE ")])
@@ -101,11 +95,11 @@ def test_an_answer_with_untagged_data_is_one_write(gateway, command, untagged):
     (the listener has TCP_NODELAY, so two sends were two segments and two wake-ups)."""
     raw = Raw(gateway.imap_port)
     try:
-        before = _data_segments_in(raw.sock)
+        before = data_segments_in(raw.sock)
         raw.send(command + b"\r\n")
         lines = raw.until_tagged(b"a")
         assert lines[0].startswith(untagged) and lines[-1].startswith(b"a OK")
-        assert _data_segments_in(raw.sock) - before == 1
+        assert data_segments_in(raw.sock) - before == 1
     finally:
         raw.close()
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import servers
-from clients import LineClient, unique_message
+from clients import LineClient, data_segments_in, unique_message
 from conftest import USERS_A, USERS_B, require_binary
 from mta import Postfix
 from ops_helpers import scrape, scrape_text, total, wait_until
@@ -156,6 +156,20 @@ def test_greeting_ehlo_and_transaction_before_auth(gateway):
     assert raw.command(b"STARTTLS")[0].startswith(b"502 ")
     assert raw.command(b"QUIT") == [b"221 2.0.0 Bye"]
     assert raw.closed()
+
+
+def test_the_tenth_error_is_answered_with_421_in_the_same_write_and_closed(gateway):
+    raw = SmtpRaw(gateway.submission_port)
+    try:
+        for _ in range(9):
+            assert raw.command(b"FROB")[0].startswith(b"500 5.5.2")
+        before = data_segments_in(raw.sock)
+        assert raw.command(b"FROB")[0].startswith(b"500 5.5.2")
+        assert raw.reply() == [b"421 4.7.0 Too many errors, closing connection"]
+        assert raw.closed()
+        assert data_segments_in(raw.sock) - before == 1
+    finally:
+        raw.close()
 
 
 def test_auth_plain_and_login_with_and_without_initial_response_and_cancel(gateway):
