@@ -91,7 +91,7 @@ def idle_kib(gateway, port: int, context: ssl.SSLContext | None, count: int) -> 
 
 def fetch_rounds(targets: dict, ca_file: str, seconds: float, rounds: int) -> dict:
     """10 MiB FETCH MB/s per target, {name: (port, TLS?, proxy pids or None)}, the targets
-    taking turns round by round; per target the mean of its rounds and each round."""
+    taking turns round by round; per target its rounds pooled as ``python -m bench`` does."""
     found = {name: [] for name in targets}
     for number in range(rounds):
         names = list(targets)
@@ -101,13 +101,8 @@ def fetch_rounds(targets: dict, ca_file: str, seconds: float, rounds: int) -> di
             found[name].append(scenarios.fetch_from(
                 "127.0.0.1", port, FETCH_USER, FETCH_PASSWORD, seconds, FETCH_CONNECTIONS,
                 lambda pids=pids: pids() if pids else None, ca_file if tls else None))
-    summary = {}
-    for name, runs in found.items():
-        cpu = [r["proxy_cpu_ms_per_100mb"] for r in runs if r["proxy_cpu_ms_per_100mb"]]
-        summary[name] = {"mb_per_s": sum(r["mb_per_s"] for r in runs) / len(runs),
-                         "proxy_cpu_ms_per_100mb": sum(cpu) / len(cpu) if cpu else None,
-                         "rounds": [round(r["mb_per_s"]) for r in runs]}
-    return summary
+    return {name: scenarios.pooled_fetch(runs, targets[name][2] is not None)
+            for name, runs in found.items()}
 
 
 def run(seconds: float, sessions: int, fetch_seconds: float = 3.0, rounds: int = 2) -> dict:
@@ -162,7 +157,7 @@ def _fetch_phase(root: Path, dovecot, gateway, ca_file: str, ssl_files: tuple,
     """The FETCH targets: Dovecot, the gateway and (when installed) nginx, each over IMAPS
     and plain IMAP; ``ratio`` is to Dovecot over the same kind of connection."""
     def gateway_pids():
-        return [gateway.pid] + gateway.worker_pids()
+        return procstats.process_group(gateway.pid)
 
     targets = {"direct tls": (dovecot.imaps_port, True, None),
                "mailgate tls": (gateway.ports["imaps"], True, gateway_pids),
@@ -207,7 +202,8 @@ def main(argv=None) -> int:
         ratio = "" if name.startswith("direct") else f" ({figures['ratio']:.2f}x"
         cpu = figures["proxy_cpu_ms_per_100mb"]
         ratio += f"; {cpu:.1f} ms)" if cpu is not None else (")" if ratio else "")
-        print(f"  {name:<15} {figures['mb_per_s']:7.0f}{ratio}  rounds {figures['rounds']}")
+        rounds = [round(rate) for rate in figures["spread"]["mb_per_s"]]
+        print(f"  {name:<15} {figures['mb_per_s']:7.0f}{ratio}  rounds {rounds}")
     return 0
 
 

@@ -17,14 +17,14 @@ Bulk data (a big FETCH) does not pass through Python at all: once a read fills h
 buffer (``BULK``), a direction nobody needs to see (upward: no ``observe``; downward: no
 ``rewrite``, or one whose ``idle()`` is true at each wake-up) switches to ``splice(2)``
 through one pipe per worker, socket → pipe → socket, up to ``PIPE_SIZE`` per wake-up; a
-short read, or a rewrite that has work again, switches it back.  The worker's pipe is empty between callbacks:
-when the other side cannot take all of it at once, the direction keeps that pipe with what
-is left in it (the worker takes a spare pipe or makes a new one for the next splice), stops
-reading, and splices the rest out as the other side takes it; then the pipe goes back to
-the spares.  So a slow reader of a big FETCH costs no copy through Python either.  At most
-``HELD_PIPES`` pipes are held per worker (two descriptors and up to PIPE_SIZE of kernel
-memory each); past that, what is left is read out into the direction's pending bytes, as
-in the copying path.
+short read, or a rewrite that has work again, switches it back.  The worker's pipe is
+empty between callbacks: when the other side cannot take all of it at once, the direction
+keeps that pipe with what is left in it (the worker takes a spare pipe or makes a new one
+for the next splice), stops reading, and splices the rest out as the other side takes it;
+then the pipe goes back to the spares.  So a slow reader of a big FETCH costs no copy
+through Python either.  At most ``HELD_PIPES`` pipes are held per worker (two descriptors
+and up to PIPE_SIZE of kernel memory each); past that, what is left is read out into the
+direction's pending bytes, as in the copying path.
 """
 from __future__ import annotations
 
