@@ -18,7 +18,8 @@ to a relay unframed (e.g. an APPEND pipelined after LOGIN is not judged by pre-l
 
 The framer is any object with ``feed(bytes) -> list[event]`` and ``pending() -> bytes``
 (gateway.imap.parser.Framer, gateway.pop3.framer.LineFramer); an ``in_literal`` attribute,
-when present, says how many payload bytes may be framed in one go.
+when present, says how many payload bytes may be framed in one go, and ``take_raw`` (a
+caller framing bytes itself) needs ``between_lines``, true when the next byte starts a line.
 """
 from __future__ import annotations
 
@@ -220,17 +221,27 @@ class StreamReader:
             _yield_to_hub()
             self.paced_at = time.monotonic()
 
-    def take_raw(self, accept):
+    def take_raw(self, accept, receive: bool = False):
         """A caller's own framing of bytes already received, when nothing is framed or
         held partial: ``accept(raw, start)`` looks at the unframed bytes ``raw[start:]`` and
         returns ``(result, end)`` to take ``raw[start:end]`` (the result is returned), or
-        None to take nothing (then None is returned)."""
-        if self.events or self.framer.pending():
+        None to take nothing (then None is returned).  ``receive``: when nothing at all is
+        buffered, receive first, as ``next_event`` would (same bounds, same pacing).
+
+        For answers whose common shape a caller can see at a glance (a back-end's one-line
+        answers during login): framing them event by event costs more than the login's own
+        system calls; whatever ``accept`` declines is framed as usual by ``next_event``."""
+        if self.events or not self.framer.between_lines:
             return None
+        if self.raw_pos >= len(self.raw):
+            if not receive:
+                return None
+            self._receive()
         taken = accept(self.raw, self.raw_pos)
         if taken is None:
             return None
         result, self.raw_pos = taken
+        self._pace()
         return result
 
     # -- handing over -------------------------------------------------------------------------

@@ -47,6 +47,17 @@ def _parse_capabilities(text: str) -> tuple[tuple[str, ...], frozenset[str]]:
     return tuple(text.split()), frozenset(parser.capabilities(text))
 
 
+# A back-end answers every login with the same lines (its greeting, the ID and LOGIN
+# answers with their capability lists): each is parsed once per worker.  Only short lines
+# are kept (Response objects are immutable, so one may serve every session).
+MAX_CACHED_LINE = 2048
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_line(line: bytes) -> Response:
+    return parser.parse_response([line])
+
+
 _UNQUOTABLE = re.compile(rb"[^\x20-\x7e]")
 
 
@@ -116,6 +127,8 @@ class BackendConnection:
         if wanted is not None and not parts[0][:16].upper().startswith(wanted):
             return None
         try:
+            if len(parts) == 1 and len(parts[0]) <= MAX_CACHED_LINE:
+                return _parse_line(parts[0])
             return parser.parse_response(parts)
         except parser.ParseError as exc:
             raise self.fail(Failure.PROTOCOL, f"unparsable answer: {exc}") from None

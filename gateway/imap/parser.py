@@ -134,6 +134,12 @@ class Framer:
         """Bytes held waiting for a line end."""
         return len(self._partial) + len(self._pending)
 
+    @property
+    def between_lines(self) -> bool:
+        """The next byte fed starts a line: nothing held, no literal payload expected and
+        no error that stops the stream (a reader may then frame a plain line itself)."""
+        return not (self._partial or self._pending or self._remaining or self._fatal)
+
     def pending(self) -> bytes:
         """The held bytes themselves (``buffered()`` of them), in stream order: with the data
         of every event returned so far, exactly the bytes fed.  For a hand-over to a plain
@@ -443,10 +449,36 @@ def parse_command(parts: list[bytes], max_args: int = 64) -> Command:
     and their members counted recursively), a bad tag, a missing command name, bad
     quoting, unbalanced or too deep lists: ParseError.
     """
+    if len(parts) == 1:
+        command = _simple_command(parts[0], max_args)
+        if command is not None:
+            return command
     reader = _Reader(parts)
     tag = _head(reader, _TAG, "tag")
     name = _head(reader, _PLAIN_ATOM, "command name").upper()
     return Command(tag, name, _tokenize(reader, max_args))
+
+
+# A command of one line whose arguments are strict atoms and quoted strings without escapes,
+# one space apart (a client's LOGIN, SELECT, NOOP...): what the whole parse makes of it, read
+# by two regular expressions (tests/unit/test_imap_parser.py checks the two agree).
+_SIMPLE_ARG = rb'(?:(' + _PLAIN_ATOM.pattern + rb')|"([^"\\\r\n\x00]*)")'
+_SIMPLE_COMMAND = re.compile(rb"(" + _TAG.pattern + rb") (" + _PLAIN_ATOM.pattern +
+                             rb")((?: " + _SIMPLE_ARG + rb")*)(?:\r?\n)?\Z")
+_SIMPLE_ARGS = re.compile(rb" " + _SIMPLE_ARG)
+
+
+def _simple_command(line, max_args: int) -> Command | None:
+    """parse_command's result for a simple one-line command, or None (take the whole way)."""
+    match = _SIMPLE_COMMAND.match(line if type(line) is bytes else bytes(line))
+    if match is None:
+        return None
+    # (findall gives b"" for the alternative that did not match; an atom is never empty)
+    args = [Atom(atom.decode("ascii")) if atom else quoted
+            for atom, quoted in _SIMPLE_ARGS.findall(match.group(3))]
+    if len(args) > max_args:
+        return None
+    return Command(match.group(1).decode("ascii"), match.group(2).decode("ascii").upper(), args)
 
 
 def _decode(raw: bytes) -> str:

@@ -61,6 +61,20 @@ class LineFramer:
             pos = stop
         return events
 
+    @property
+    def between_lines(self) -> bool:
+        """The next byte fed starts a line (nothing held, no over-long line being dropped)."""
+        return not (self._partial or self._dropped)
+
+    def line_at(self, raw: bytes, start: int) -> tuple[Line, int] | None:
+        """For ``StreamReader.take_raw``, between lines: the Line ``feed`` would give first
+        for ``raw[start:]`` when that begins with a whole line within ``max_line``, and where
+        the line ends; None (nothing taken) for anything else, which ``feed`` frames."""
+        end = raw.find(b"\n", start) + 1
+        if not end or end - start > self.max_line:
+            return None
+        return Line(raw if start == 0 and end == len(raw) else raw[start:end]), end
+
     def pending(self) -> bytes:
         """Bytes held waiting for a line end (nothing of a line being dropped)."""
         return bytes(self._partial)

@@ -508,3 +508,41 @@ def test_dovecot_login_answers_take_the_fast_path_with_the_same_result():
                  b'* BYE [REFERRAL imap://u@h/] go "there"\r\n'):
         assert parser._STATUS_HEAD.match(parser._strip_eol(line))
         assert parser.parse_response([line]) == parser._parse_response([line])
+
+
+# -- the simple-command fast path of parse_command --------------------------------------------
+
+_COMMAND_PIECES = [b"a1", b"A", b"*", b"+", b" ", b"  ", b"LOGIN", b"login", b"SELECT", b"NOOP",
+                   b"user@example.org", b"INBOX", b"NIL", b'"', b'"pass word"', b'""', b"\\",
+                   b'"a\\"b"', b"[", b"]", b"BODY[]", b"(", b")", b"{5}", b"{5+}", b"~{5}", b"}",
+                   b"%", b"*", b"\xc3\xa9", b'"\xc3\xa9"', b"\x00", b"\t", b"\r", b"\n"]
+
+
+def _command_outcome(line: bytes, whole: bool, max_args: int = 64):
+    try:
+        if whole:     # the whole way: the fast path disabled by giving it a non-bytes line
+            reader = parser._Reader([line])
+            tag = parser._head(reader, parser._TAG, "tag")
+            name = parser._head(reader, parser._PLAIN_ATOM, "command name").upper()
+            return shape(parser.Command(tag, name, parser._tokenize(reader, max_args)))
+        return shape(parse_command([line], max_args=max_args))
+    except ParseError as exc:
+        return ("ParseError", str(exc))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_COMMAND_PIECES), max_size=9),
+       st.sampled_from([b"\r\n", b"\n", b""]), st.integers(0, 4))
+def test_the_simple_command_fast_path_answers_as_the_whole_parse(pieces, end, max_args):
+    line = b"".join(pieces) + end
+    assert _command_outcome(line, False, max_args) == _command_outcome(line, True, max_args)
+
+
+def test_login_commands_take_the_simple_command_fast_path():
+    for line in (b'a1 LOGIN user@example.org "secret word"\r\n', b"a1 login u p\r\n",
+                 b'A2 SELECT "INBOX"\r\n', b"A3 NOOP\r\n"):
+        assert parser._simple_command(line, 64) is not None
+        assert _command_outcome(line, False) == _command_outcome(line, True)
+    for line in (b'a1 LOGIN u "a\\"b"\r\n', b"a1 LOGIN {3}\r\n", b"a1 FETCH 1 (FLAGS)\r\n",
+                 b"a1 LOGIN  u p\r\n"):
+        assert parser._simple_command(line, 64) is None

@@ -101,3 +101,77 @@ def test_on_literal_sees_each_literal_before_its_payload():
     reader = imap_reader([b"a LOGIN {1}\r\n", b"u {2}\r\n", b"pw\r\n"])
     parts = reader.read_parts(on_literal=lambda line: seen.append(line.literal.size) or True)
     assert seen == [1, 2] and parts == [b"a LOGIN {1}\r\n", b"u", b" {2}\r\n", b"pw", b"\r\n"]
+
+
+# -- read_parts' plain-line fast path: the framer's parts, whatever the split --------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gateway.imap import parser  # noqa: E402
+from gateway.imap.reader import ImapReader as _ImapReader  # noqa: E402
+
+_STREAM_PIECES = [b"a1 LOGIN u p", b"* OK [CAPABILITY IMAP4rev1] hi", b"MG2 OK done", b" ",
+                  b"{3}", b"{3+}", b"~{2}", b"}", b"abc", b"\r\n", b"\n", b"\r", b"x" * 30]
+
+
+class _FramerOnly(_ImapReader):
+    """read_parts the whole way: the plain-line path declines everything."""
+
+    def _plain_line(self, raw, start):
+        return None
+
+
+def _all_parts(reader_class, stream: bytes, cuts: list[int]):
+    chunks, last = [], 0
+    for cut in sorted(set(c % (len(stream) + 1) for c in cuts)) + [len(stream)]:
+        if cut > last:
+            chunks.append(stream[last:cut])
+            last = cut
+    reader = reader_class(FakeSocket(chunks), max_line=40, max_literal=8)
+    got = []
+    while len(got) < 40:        # (a reader is asked again after a framing error, as a relay may)
+        try:
+            got.append(reader.read_parts())
+        except parser.ParseError as exc:
+            got.append(type(exc).__name__)
+        except PeerClosed:
+            break
+    return got, reader.leftover()
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_STREAM_PIECES), max_size=12), st.lists(st.integers(0, 400),
+                                                                        max_size=5))
+def test_the_plain_line_path_gives_the_framers_parts(pieces, cuts):
+    stream = b"".join(pieces)
+    assert _all_parts(_ImapReader, stream, cuts) == _all_parts(_FramerOnly, stream, cuts)
+
+
+_POP3_PIECES = [b"USER u", b"PASS secret", b"+OK ready", b"-ERR no", b" ", b"\r\n", b"\n",
+                b"\r", b".", b"x" * 30]
+
+
+def _all_lines(stream: bytes, cuts: list[int], fast: bool):
+    chunks, last = [], 0
+    for cut in sorted(set(c % (len(stream) + 1) for c in cuts)) + [len(stream)]:
+        if cut > last:
+            chunks.append(stream[last:cut])
+            last = cut
+    reader = StreamReader(FakeSocket(chunks), LineFramer(24))
+    got = []
+    while True:
+        try:
+            event = (reader.take_raw(reader.framer.line_at, receive=True) if fast else None) \
+                or reader.next_event()
+        except PeerClosed:
+            return got, reader.leftover()
+        got.append(event)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_POP3_PIECES), max_size=12), st.lists(st.integers(0, 300),
+                                                                      max_size=5))
+def test_the_pop3_line_path_gives_the_framers_lines(pieces, cuts):
+    stream = b"".join(pieces)
+    assert _all_lines(stream, cuts, True) == _all_lines(stream, cuts, False)
