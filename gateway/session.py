@@ -163,6 +163,12 @@ def backend_phase(backend_config: BackendConfig, protocol: str, log_in):
         timer.close()
 
 
+# What a protocol's log_in sets as its back-end reader's idle timeout: backend_phase's one
+# deadline bounds each read of the phase (and each write), so no read arms a timer of its
+# own (a timer per read was a tenth of a login's Python).
+PHASE_BOUNDS_READS = None
+
+
 class _PhaseExpired(BaseException):
     """backend_phase's deadline passed (thrown into the session's greenlet)."""
 

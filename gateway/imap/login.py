@@ -60,9 +60,8 @@ def log_in(sock, target: Target, credentials: Credentials,
     """
     connection = BackendConnection(sock, target)
     try:
-        connection.reader.idle_timeout = target.config.connect_timeout
+        connection.reader.idle_timeout = session.PHASE_BOUNDS_READS
         _greet(connection)
-        connection.reader.idle_timeout = target.config.login_timeout
         answer = _login(connection, credentials, id_fields)
     except referrals.Referred as referred:
         if referred.kept is None:
