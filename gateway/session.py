@@ -448,8 +448,9 @@ class Session:
         if self.admission is not None:
             self.admission.succeeded()
         recorder.login(self.protocol, "ok")
-        log.debug("session=%s proto=%s login=%s backend=%s mechanism=%s", self.id,
-                  self.protocol, readable(found.login_name), self.backend_name, mechanism)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("session=%s proto=%s login=%s backend=%s mechanism=%s", self.id,
+                      self.protocol, readable(found.login_name), self.backend_name, mechanism)
         self.answer_success(result)
         return True
 

@@ -51,13 +51,14 @@ class DeadlineExceeded(ReadTimeout):
 # call: ``from gevent import ...`` runs importlib's _handle_fromlist, a Python call, each time.
 _gevent = None
 _gevent_socket = None
+_PlainSocket: type | None = None     # gevent's socket class, once loaded
 
 
 def _load_gevent() -> None:
-    global _gevent, _gevent_socket
+    global _gevent, _gevent_socket, _PlainSocket
     import gevent
     from gevent import socket as gsocket
-    _gevent, _gevent_socket = gevent, gsocket
+    _gevent, _gevent_socket, _PlainSocket = gevent, gsocket, gsocket.socket
 
 
 def _yield_to_hub() -> None:
@@ -97,16 +98,16 @@ def wait_io(watcher, timeout: float | None, expired) -> None:
 
 def plain_socket_type() -> type:
     """gevent's socket class (a plain, not TLS, connection is one)."""
-    if _gevent_socket is None:
+    if _PlainSocket is None:
         _load_gevent()
-    return _gevent_socket.socket
+    return _PlainSocket
 
 
 def is_tls(sock) -> bool:
     """Whether ``sock`` is a TLS connection (gateway.tlsconn's have ``is_tls``).  A plain
     gevent socket is told by its type: asked for a name it lacks, its ``__getattr__`` makes
     and formats an AttributeError (three per login, when each place asked the socket)."""
-    if type(sock) is plain_socket_type():
+    if type(sock) is (_PlainSocket or plain_socket_type()):
         return False
     return getattr(sock, "is_tls", False)
 
@@ -172,10 +173,13 @@ class StreamReader:
             timeout = left if timeout is None else min(timeout, left)
         sock = self.sock
         try:
-            sock.settimeout(timeout)    # (also bounds the next sendall on this socket)
-            if type(sock) is plain_socket_type():
+            # The timeout also bounds the next sendall on this socket.
+            if type(sock) is (_PlainSocket or plain_socket_type()):
+                if sock.timeout != timeout:       # (gevent's settimeout is Python code)
+                    sock.settimeout(timeout)
                 data = self._recv_plain(sock, timeout)
             else:     # TLS: bytes may wait decrypted inside OpenSSL; its recv waits itself
+                sock.settimeout(timeout)
                 data = sock.recv(self.recv_size)
         except socket.timeout:
             if self.deadline is not None and time.monotonic() >= self.deadline - 0.001:
@@ -249,6 +253,9 @@ class StreamReader:
     def leftover(self) -> bytes:
         """Everything received and not yet taken as an event, in stream order, and forget it:
         the bytes a relay must forward first."""
+        if not self.events and self.raw_pos >= len(self.raw) and \
+                getattr(self.framer, "between_lines", False):
+            return b""                                   # (every login: nothing left)
         data = b"".join(e.data for e in self.events) + self.framer.pending() + \
             self.raw[self.raw_pos:]
         self.events.clear()

@@ -210,7 +210,8 @@ class ImapSession(session_mod.Session):
     def cmd_LOGIN(self, command) -> None:
         if self.refuse_cleartext(command.tag):
             return
-        if len(command.args) != 2 or any(isinstance(a, list) for a in command.args):
+        args = command.args
+        if len(args) != 2 or isinstance(args[0], list) or isinstance(args[1], list):
             self.bad(command.tag, "LOGIN needs a user name and a password.")
             return
         self.login_command(command.tag, _text(command.args[0]), _text(command.args[1]), "LOGIN")

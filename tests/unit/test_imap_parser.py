@@ -546,3 +546,28 @@ def test_login_commands_take_the_simple_command_fast_path():
     for line in (b'a1 LOGIN u "a\\"b"\r\n', b"a1 LOGIN {3}\r\n", b"a1 FETCH 1 (FLAGS)\r\n",
                  b"a1 LOGIN  u p\r\n"):
         assert parser._simple_command(line, 64) is None
+
+
+# -- the ID list sent to a back-end: quoted() for every value, with or without its call -----
+
+from gateway.imap import backend as imap_backend  # noqa: E402
+
+
+def _encode_id_reference(fields):
+    items = []
+    for key, value in fields[:imap_backend.MAX_ID_FIELDS]:
+        key_q = imap_backend.quoted(key[:30])
+        value_q = imap_backend.quoted(value[:imap_backend.MAX_ID_VALUE])
+        if key_q is not None and value_q is not None:
+            items.append(key_q + b" " + value_q)
+    return b"(" + b" ".join(items) + b")" if items else b"NIL"
+
+
+_ID_TEXT = st.one_of(st.text(max_size=20), st.sampled_from(["127.0.0.1", "a" * 1000, "a" * 1001,
+                                                            'q"', "b\\s", "tab\t", "\x7f", "é"]))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(_ID_TEXT, _ID_TEXT), max_size=5))
+def test_encode_id_quotes_each_value_as_quoted_does(fields):
+    assert imap_backend.encode_id(fields) == _encode_id_reference(fields)
