@@ -174,30 +174,52 @@ class _Direction:
         self.held_size = 0
 
     def on_readable(self) -> None:
-        if self.splicing:
-            self.splice_through()
-            return
+        """The read watcher's callback, its own guard (``Relay.guard`` is one call more per
+        chunk, and a command's round trip is two chunks): what ``read_or_finish`` and
+        ``account_read`` do, written out."""
         relay = self.relay
-        size = read_or_finish(relay, self.side, self.src.recv_into, _buffer)
-        if not size:
-            return
-        account_read(relay, self.upward, size)
-        if size >= BULK and self.may_splice():
-            self.splicing = True      # bulk data: the next reads go socket → pipe → socket
-        if self.upward or relay.rewrite is None:
-            data = _view[:size]
-        else:
-            data = relay.rewrite(_view, size)
-            size = len(data)
         try:
-            sent = self.dst.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            relay.finish(self.peer, f"write error: {exc.strerror or exc}")
-            return
-        if sent < size:
-            self.wait_writable(memoryview(bytes(data[sent:])))
+            if self.splicing:
+                self.splice_through()
+                return
+            try:
+                size = self.src.recv_into(_buffer)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                relay.finish(self.side, f"read error: {exc.strerror or exc}")
+                return
+            if not size:
+                relay.finish(self.side, "closed")
+                return
+            session = relay.session
+            session.last_activity = time.monotonic()
+            if size >= BULK and self.may_splice():
+                self.splicing = True      # bulk data: the next reads go socket → pipe → socket
+            if self.upward:
+                session.bytes_in += size
+                if relay.observe is not None:
+                    relay.observe(_buffer, size)
+                data = _view[:size]
+            else:
+                session.bytes_out += size
+                relay.tail = bytes(_view[max(0, size - 64):size])
+                if relay.rewrite is None:
+                    data = _view[:size]
+                else:
+                    data = relay.rewrite(_view, size)
+                    size = len(data)
+            try:
+                sent = self.dst.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                relay.finish(self.peer, f"write error: {exc.strerror or exc}")
+                return
+            if sent < size:
+                self.wait_writable(memoryview(bytes(data[sent:])))
+        except Exception:  # noqa: BLE001
+            relay.failed()
 
     def may_splice(self) -> bool:
         """Nobody needs to see this direction's bytes now (and splice is there)."""
@@ -279,7 +301,7 @@ class _Direction:
                 return
             self.pending = None
         self.writer.stop()
-        self.reader.start(self.relay.guard, self.on_readable)
+        self.reader.start(self.on_readable)
 
     def waiting(self) -> bool:
         """Bytes the other side has yet to take are kept (in Python or in a held pipe)."""
@@ -379,16 +401,20 @@ class Relay:
                                client_writer)
 
     def start(self) -> None:
-        self.up.reader.start(self.guard, self.up.on_readable)
-        self.down.reader.start(self.guard, self.down.on_readable)
+        self.up.reader.start(self.up.on_readable)
+        self.down.reader.start(self.down.on_readable)
 
     def guard(self, callback) -> None:
         """Run a watcher callback; a bug ends this session only, never the worker."""
         try:
             callback()
         except Exception:  # noqa: BLE001
-            log.exception("session=%s relay error", getattr(self.session, "id", "-"))
-            self.finish("gateway", "internal error")
+            self.failed()
+
+    def failed(self) -> None:
+        """In a callback's ``except``: log the bug, end the session."""
+        log.exception("session=%s relay error", getattr(self.session, "id", "-"))
+        self.finish("gateway", "internal error")
 
     def send_to_client(self, data: bytes) -> None:
         """Best effort, for a goodbye line: only between chunks, never blocking."""

@@ -132,3 +132,29 @@ def test_a_session_ending_while_its_pipe_is_held_closes_that_pipe():
             os.fstat(fd)
     backend_far.close()
     writer.kill()
+
+
+def test_a_bug_in_a_relay_callback_ends_that_session_only(caplog):
+    """A callback that raises (here the client-side observer) ends its own relay with
+    "gateway internal error" and closes both sides; another relay on the loop goes on."""
+    client_far, client_near = _pair()
+    backend_far, backend_near = _pair()
+    broken = Session()
+
+    def observe(buffer, size):
+        raise RuntimeError("a bug")
+
+    relay_mod.Relay(broken, client_near, backend_near, observe=observe).start()
+    other, _, other_client, other_backend = _relay()
+    client_far.sendall(b"a NOOP\r\n")
+    assert broken.ended.wait(5)
+    assert (broken.end.side, broken.end.reason) == ("gateway", "internal error")
+    assert client_far.recv(100) == b"" and backend_far.recv(100) == b""
+    assert "relay error" in caplog.text
+    other_client.sendall(b"b NOOP\r\n")
+    assert other_backend.recv(100) == b"b NOOP\r\n"
+    other_backend.sendall(b"b OK\r\n")
+    assert other_client.recv(100) == b"b OK\r\n"
+    assert not other.ended.is_set()
+    for sock in (client_far, backend_far, other_client, other_backend):
+        sock.close()
