@@ -89,4 +89,7 @@ class BackendConnection:
             pass
 
     def offers_plain(self) -> bool:
-        return any(c.startswith("SASL ") and "PLAIN" in c.split() for c in self.capabilities)
+        for capability in self.capabilities:        # (a loop: no generator per login)
+            if capability.startswith("SASL ") and "PLAIN" in capability.split():
+                return True
+        return False
