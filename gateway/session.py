@@ -164,8 +164,8 @@ def backend_phase(backend_config: BackendConfig, protocol: str, log_in):
 
 
 # What a protocol's log_in sets as its back-end reader's idle timeout: backend_phase's one
-# deadline bounds each read of the phase (and each write), so no read arms a timer of its
-# own (a timer per read was a tenth of a login's Python).
+# deadline bounds each read of the phase (and each write), so no read makes, starts and
+# closes a timer of its own.
 PHASE_BOUNDS_READS = None
 
 

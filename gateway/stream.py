@@ -232,9 +232,9 @@ class StreamReader:
         None to take nothing (then None is returned).  ``receive``: when nothing at all is
         buffered, receive first, as ``next_event`` would (same bounds, same pacing).
 
-        For answers whose common shape a caller can see at a glance (a back-end's one-line
-        answers during login): framing them event by event costs more than the login's own
-        system calls; whatever ``accept`` declines is framed as usual by ``next_event``."""
+        For lines whose common shape a caller can see at a glance (a LOGIN command, a
+        back-end's one-line answers during login), framing them event by event is the dearer
+        way; whatever ``accept`` declines is framed as usual by ``next_event``."""
         if self.events or not self.framer.between_lines:
             return None
         if self.raw_pos >= len(self.raw):

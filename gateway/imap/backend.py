@@ -48,14 +48,23 @@ def _parse_capabilities(text: str) -> tuple[tuple[str, ...], frozenset[str]]:
 
 
 # A back-end answers every login with the same lines (its greeting, the ID and LOGIN
-# answers with their capability lists): each is parsed once per worker.  Only short lines
-# are kept (Response objects are immutable, so one may serve every session).
+# answers with their capability lists): each is parsed once per worker.  Only short status
+# lines are kept (a frozen Response without a list in it may serve every session), at most
+# MAX_CACHED of them (a full cache starts over: a back-end whose lines differ each time).
 MAX_CACHED_LINE = 2048
+MAX_CACHED = 256
+_parsed: dict[bytes, Response] = {}
 
 
-@functools.lru_cache(maxsize=256)
 def _parse_line(line: bytes) -> Response:
-    return parser.parse_response([line])
+    response = _parsed.get(line)
+    if response is None:
+        response = parser.parse_response([line])
+        if response.args is None and len(line) <= MAX_CACHED_LINE:
+            if len(_parsed) >= MAX_CACHED:
+                _parsed.clear()
+            _parsed[line] = response
+    return response
 
 
 _UNQUOTABLE = re.compile(rb"[^\x20-\x7e]")
@@ -127,7 +136,7 @@ class BackendConnection:
         if wanted is not None and not parts[0][:16].upper().startswith(wanted):
             return None
         try:
-            if len(parts) == 1 and len(parts[0]) <= MAX_CACHED_LINE:
+            if len(parts) == 1:
                 return _parse_line(parts[0])
             return parser.parse_response(parts)
         except parser.ParseError as exc:

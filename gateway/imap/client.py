@@ -214,7 +214,7 @@ class ImapSession(session_mod.Session):
         if len(args) != 2 or isinstance(args[0], list) or isinstance(args[1], list):
             self.bad(command.tag, "LOGIN needs a user name and a password.")
             return
-        self.login_command(command.tag, _text(command.args[0]), _text(command.args[1]), "LOGIN")
+        self.login_command(command.tag, _text(args[0]), _text(args[1]), "LOGIN")
 
     def cmd_AUTHENTICATE(self, command) -> None:
         if self.refuse_cleartext(command.tag):

@@ -571,3 +571,16 @@ _ID_TEXT = st.one_of(st.text(max_size=20), st.sampled_from(["127.0.0.1", "a" * 1
 @given(st.lists(st.tuples(_ID_TEXT, _ID_TEXT), max_size=5))
 def test_encode_id_quotes_each_value_as_quoted_does(fields):
     assert imap_backend.encode_id(fields) == _encode_id_reference(fields)
+
+
+def test_login_answer_lines_are_parsed_once_and_the_cache_stays_bounded():
+    imap_backend._parsed.clear()
+    ok = b"MG2 OK [CAPABILITY IMAP4rev1 ID] Logged in\r\n"
+    assert imap_backend._parse_line(ok) is imap_backend._parse_line(ok)
+    data = b"* CAPABILITY IMAP4rev1 ID\r\n"          # has an args list: never shared
+    assert imap_backend._parse_line(data) is not imap_backend._parse_line(data)
+    for n in range(3 * imap_backend.MAX_CACHED):
+        imap_backend._parse_line(b"* OK greeting %d\r\n" % n)
+        assert len(imap_backend._parsed) <= imap_backend.MAX_CACHED
+    assert imap_backend._parse_line(b"MG1 OK " + b"x" * 3000 + b"\r\n") is not None
+    assert all(len(line) <= imap_backend.MAX_CACHED_LINE for line in imap_backend._parsed)
