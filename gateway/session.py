@@ -28,6 +28,7 @@ log = logging.getLogger("mailgate.session")
 
 
 class State(enum.Enum):
+    """(Read as ``state._value_`` at every session's end: ``.value`` is two Python calls.)"""
     PREAUTH = "preauth"
     LOGIN = "backend-login"      # connect, greeting and login at the back-end: one phase
     PROXYING = "proxying"
@@ -378,7 +379,7 @@ class Session:
     def finished(self) -> None:
         if self.admission is not None:
             self.admission.ended()
-        recorder.closed(self.protocol, self.listen.address, self.state.value, self.bytes_in,
+        recorder.closed(self.protocol, self.listen.address, self.state._value_, self.bytes_in,
                         self.bytes_out)
         self.log_end()
         self.service.forget(self)
@@ -577,5 +578,5 @@ class Session:
         held_event(log, logging.INFO, "session-end", session=self.id, proto=self.protocol,
                    client=self.client_address, port=self.client_port, login=self.login_name,
                    backend=self.backend_name, listener=self.listen.address, tls=self.tls,
-                   state=self.state.value, duration=time.monotonic() - self.started,
+                   state=self.state._value_, duration=time.monotonic() - self.started,
                    bytes_in=self.bytes_in, bytes_out=self.bytes_out, end=self.end_reason)
