@@ -255,7 +255,8 @@ class StreamReader:
         the bytes a relay must forward first."""
         if not self.events and self.raw_pos >= len(self.raw) and \
                 getattr(self.framer, "between_lines", False):
-            return b""                                   # (every login: nothing left)
+            self.raw, self.raw_pos = b"", 0     # (kept, the last read would live on with
+            return b""                          # a logged-in session's back-end reader)
         data = b"".join(e.data for e in self.events) + self.framer.pending() + \
             self.raw[self.raw_pos:]
         self.events.clear()
