@@ -121,13 +121,19 @@ class _FramerOnly(ImapReader):
         return None
 
 
-def _all_parts(reader_class, stream: bytes, cuts: list[int]):
+def _chunks(stream: bytes, cuts: list[int]) -> list[bytes]:
+    """``stream`` cut at the given places (as recv may return it)."""
     chunks, last = [], 0
     for cut in sorted(set(c % (len(stream) + 1) for c in cuts)) + [len(stream)]:
         if cut > last:
             chunks.append(stream[last:cut])
             last = cut
-    reader = reader_class(FakeSocket(chunks), max_line=40, max_literal=8)
+    return chunks
+
+
+def _imap_reads(chunks: list[bytes], fast: bool):
+    reader = (ImapReader if fast else _FramerOnly)(FakeSocket(chunks), max_line=40,
+                                                   max_literal=8)
     got = []
     while len(got) < 40:        # (a reader is asked again after a framing error, as a relay may)
         try:
@@ -139,24 +145,7 @@ def _all_parts(reader_class, stream: bytes, cuts: list[int]):
     return got, reader.leftover()
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(_STREAM_PIECES), max_size=12), st.lists(st.integers(0, 400),
-                                                                        max_size=5))
-def test_the_plain_line_path_gives_the_framers_parts(pieces, cuts):
-    stream = b"".join(pieces)
-    assert _all_parts(ImapReader, stream, cuts) == _all_parts(_FramerOnly, stream, cuts)
-
-
-_POP3_PIECES = [b"USER u", b"PASS secret", b"+OK ready", b"-ERR no", b" ", b"\r\n", b"\n",
-                b"\r", b".", b"x" * 30]
-
-
-def _all_lines(stream: bytes, cuts: list[int], fast: bool):
-    chunks, last = [], 0
-    for cut in sorted(set(c % (len(stream) + 1) for c in cuts)) + [len(stream)]:
-        if cut > last:
-            chunks.append(stream[last:cut])
-            last = cut
+def _pop3_reads(chunks: list[bytes], fast: bool):
     reader = StreamReader(FakeSocket(chunks), LineFramer(24))
     got = []
     while True:
@@ -168,12 +157,20 @@ def _all_lines(stream: bytes, cuts: list[int], fast: bool):
         got.append(event)
 
 
+_POP3_PIECES = [b"USER u", b"PASS secret", b"+OK ready", b"-ERR no", b" ", b"\r\n", b"\n",
+                b"\r", b".", b"x" * 30]
+
+
+@pytest.mark.parametrize("pieces, reads", [(_STREAM_PIECES, _imap_reads),
+                                           (_POP3_PIECES, _pop3_reads)], ids=["imap", "pop3"])
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(_POP3_PIECES), max_size=12), st.lists(st.integers(0, 300),
-                                                                      max_size=5))
-def test_the_pop3_line_path_gives_the_framers_lines(pieces, cuts):
-    stream = b"".join(pieces)
-    assert _all_lines(stream, cuts, True) == _all_lines(stream, cuts, False)
+@given(data=st.data())
+def test_the_line_fast_paths_give_what_the_framers_give(pieces, reads, data):
+    """The whole lines taken without the framer (IMAP's read_parts, POP3's line_at) are the
+    framer's own events, whatever the bytes and however recv cuts them."""
+    stream = b"".join(data.draw(st.lists(st.sampled_from(pieces), max_size=12)))
+    chunks = _chunks(stream, data.draw(st.lists(st.integers(0, 400), max_size=5)))
+    assert reads(chunks, True) == reads(chunks, False)
 
 
 def test_leftover_lets_go_of_the_last_read():
