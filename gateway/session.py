@@ -147,14 +147,18 @@ def connect(backend_config: BackendConfig, protocol: str) -> socket.socket:
 def backend_phase(backend_config: BackendConfig, protocol: str, log_in):
     """``log_in(sock)`` on a new connection to the back-end (:func:`connect`), the whole
     phase (connect, greeting, login) within the back-end's connect_timeout + login_timeout;
-    past it, LoginError UNAVAILABLE.  The protocols' one back-end deadline."""
+    past it, LoginError UNAVAILABLE.  The protocols' one back-end deadline: after the
+    connect the socket has no timeout of its own, so the readers ``log_in`` makes take none
+    as their idle bound and no read makes, starts and closes a timer of its own."""
     total = backend_config.connect_timeout + backend_config.login_timeout
     # A BaseException, as gevent's Timeout: no ``except Exception`` on the way may take it
     # for an error of its own.
     expired = _PhaseExpired()
     timer = throw_after(total, expired)
     try:
-        return log_in(connect(backend_config, protocol))
+        sock = connect(backend_config, protocol)
+        sock.settimeout(None)
+        return log_in(sock)
     except _PhaseExpired as exc:
         if exc is not expired:
             raise
@@ -162,12 +166,6 @@ def backend_phase(backend_config: BackendConfig, protocol: str, log_in):
                                               f"answer within {total:g}s") from None
     finally:
         timer.close()
-
-
-# What a protocol's log_in sets as its back-end reader's idle timeout: backend_phase's one
-# deadline bounds each read of the phase (and each write), so no read makes, starts and
-# closes a timer of its own.
-PHASE_BOUNDS_READS = None
 
 
 class _PhaseExpired(BaseException):

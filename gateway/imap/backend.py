@@ -81,6 +81,9 @@ def quote_bytes(raw: bytes) -> bytes | None:
 
 
 def quoted(value: str) -> bytes | None:
+    if len(value) <= 1000 and value.isascii() and value.isprintable() and \
+            '"' not in value and "\\" not in value:
+        return b'"' + value.encode("ascii") + b'"'   # (most values: no regex, no escapes)
     return quote_bytes(value.encode("utf-8"))
 
 
@@ -237,13 +240,7 @@ def encode_id(fields: list[tuple[str, str]]) -> bytes:
     """An RFC 2971 ID parameter list; fields that cannot be quoted safely are dropped."""
     items = []
     for key, value in fields[:MAX_ID_FIELDS]:
-        key_q = _quoted_key(key[:30])
-        value = value[:MAX_ID_VALUE]
-        if len(value) <= 1000 and value.isascii() and value.isprintable() and \
-                '"' not in value and "\\" not in value:
-            value_q = b'"' + value.encode("ascii") + b'"'   # quoted()'s answer, without it
-        else:
-            value_q = quoted(value)
+        key_q, value_q = _quoted_key(key[:30]), quoted(value[:MAX_ID_VALUE])
         if key_q is not None and value_q is not None:
             items.append(key_q + b" " + value_q)
     return b"(" + b" ".join(items) + b")" if items else b"NIL"

@@ -60,7 +60,6 @@ def log_in(sock, target: Target, credentials: Credentials,
     """
     connection = BackendConnection(sock, target)
     try:
-        connection.reader.idle_timeout = session.PHASE_BOUNDS_READS
         _greet(connection)
         answer = _login(connection, credentials, id_fields)
     except referrals.Referred as referred:

@@ -43,9 +43,8 @@ class BackendConnection:
 
     def read_line(self) -> bytes:
         """One answer line without its line end; any failure is a LoginError."""
-        reader = self.reader
         try:
-            event = reader.take_raw(reader.framer.line_at, receive=True) or reader.next_event()
+            event = self.reader.next_event()
         except ReadError as exc:
             raise self.fail(Failure.UNAVAILABLE, str(exc)) from None
         if isinstance(event, TooLong):

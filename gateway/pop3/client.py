@@ -82,9 +82,8 @@ class Pop3Session(session_mod.Session):
     def read_line(self) -> bytes | None:
         """One client line without its line end; None when it was over MAX_AUTH_LINE
         (already dropped).  Time bounds and EOF end the session (ClientGone)."""
-        reader = self.reader
         try:
-            event = reader.take_raw(reader.framer.line_at, receive=True) or reader.next_event()
+            event = self.reader.next_event()
         except ReadError as exc:
             raise self.read_failed(exc) from None
         return None if isinstance(event, TooLong) else event.text

@@ -37,7 +37,6 @@ def log_in(sock, target: Target, password: str, client_address: tuple[str, int, 
     closed on any failure.  ``client_address`` is (address, port, session id)."""
     connection = BackendConnection(sock, target)
     try:
-        connection.reader.idle_timeout = session.PHASE_BOUNDS_READS
         forward = _forward_line(*client_address)
         if not _greet(connection, forward):
             _forward_client(connection, forward)

@@ -26,7 +26,6 @@ def log_in(sock, target: Target, password: str | None, client: tuple[str, int, s
     ``client`` is (address, port, session id); the socket is closed on any failure."""
     backend = SmtpBackend(sock, target, helo_name)
     try:
-        backend.reader.idle_timeout = session.PHASE_BOUNDS_READS
         backend.greet()
         if password is None:
             backend.forward_client(*client, login_name=target.login_name)

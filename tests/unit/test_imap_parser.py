@@ -553,11 +553,15 @@ def test_login_commands_take_the_simple_command_fast_path():
 from gateway.imap import backend as imap_backend  # noqa: E402
 
 
+def _quoted_reference(value: str):
+    return imap_backend.quote_bytes(value.encode("utf-8"))      # quoted() without its fast path
+
+
 def _encode_id_reference(fields):
     items = []
     for key, value in fields[:imap_backend.MAX_ID_FIELDS]:
-        key_q = imap_backend.quoted(key[:30])
-        value_q = imap_backend.quoted(value[:imap_backend.MAX_ID_VALUE])
+        key_q = _quoted_reference(key[:30])
+        value_q = _quoted_reference(value[:imap_backend.MAX_ID_VALUE])
         if key_q is not None and value_q is not None:
             items.append(key_q + b" " + value_q)
     return b"(" + b" ".join(items) + b")" if items else b"NIL"

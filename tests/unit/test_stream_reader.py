@@ -147,11 +147,12 @@ def _imap_reads(chunks: list[bytes], fast: bool):
 
 def _pop3_reads(chunks: list[bytes], fast: bool):
     reader = StreamReader(FakeSocket(chunks), LineFramer(24))
+    if not fast:
+        reader.line_at = None           # the framer's way only
     got = []
     while True:
         try:
-            event = (reader.take_raw(reader.framer.line_at, receive=True) if fast else None) \
-                or reader.next_event()
+            event = reader.next_event()
         except PeerClosed:
             return got, reader.leftover()
         got.append(event)
