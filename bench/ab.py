@@ -3,13 +3,16 @@
     git worktree add ../mailgate-before <revision>
     python -m bench.ab --a ../mailgate-before --b . [--rounds 4] [--seconds 4] [--workers 1]
     python -m bench.ab --a . --b . --b-python /path/to/venv/bin/python   # another interpreter
+    python -m bench.ab --a ../mailgate-before --b . --noop [--rounds 4]   # NOOP latency
 
 On a shared, noisy machine the CPU a session costs moves by 10 to 20 % from one minute to
 the next; two gateways (code from the two folders) behind the same Dovecot, each with its own
 Redis, measured in alternating rounds (A B, B A, ...) see the same minutes, so the ratio B/A
 per round is steady where the absolute figures are not.  Prints CPU µs per session and
 sessions/s of each (and what Dovecot spent per session behind it), the ratio per round and
-its median, and system calls per session.
+its median, and system calls per session.  ``--noop``: NOOP latency instead (one logged-in
+connection to each, and one straight to Dovecot, 20,000 NOOPs each per round in blocks of
+1,000 taking turns, as ``python -m bench``'s NOOP phase): p50 and p99 per round, and B − A.
 """
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--protocols", default="imap,pop3")
+    parser.add_argument("--noop", action="store_true",
+                        help="NOOP latency (IMAP) instead of sessions")
     parser.add_argument("--a-python", default=sys.executable,
                         help="interpreter that runs gateway A (default: this one)")
     parser.add_argument("--b-python", default=sys.executable,
@@ -69,6 +74,9 @@ def main(argv=None) -> int:
         print(f"servers in {stack.tmpdir}", flush=True)
         targets = {name: _gateway(stack, name, root, args.workers, pythons[name])
                    for name, root in roots.items()}
+        if args.noop:
+            _noop(stack, targets, args.rounds)
+            return 0
         for protocol in args.protocols.split(","):
             cpu = {name: [] for name in targets}
             rate = {name: [] for name in targets}
@@ -100,6 +108,22 @@ def main(argv=None) -> int:
                     print(f"{protocol} {name} system calls per session "
                           f"{calls['per_session']:.1f} {calls['top_per_session']}")
     return 0
+
+
+def _noop(stack: Stack, targets: dict, rounds: int) -> None:
+    """NOOP latency of A, B and direct Dovecot, ``rounds`` times: p50 / p99 µs and B − A."""
+    direct = stack.targets["direct"]
+    apart = {"p50_us": [], "p99_us": []}
+    for number in range(max(1, rounds)):
+        figures = scenarios.noop([direct, *targets.values()], stack, 20000, 1)
+        print("noop round %d: %s" % (number, ", ".join(
+            f"{name} {f['p50_us']:.1f} / {f['p99_us']:.1f}" for name, f in figures.items())),
+            flush=True)
+        for key in apart:
+            apart[key].append(figures["B"][key] - figures["A"][key])
+    for key, values in apart.items():
+        print(f"noop B - A {key[:3]}: {' '.join(f'{v:+.1f}' for v in values)} "
+              f"(median {statistics.median(values):+.1f})")
 
 
 if __name__ == "__main__":

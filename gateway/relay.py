@@ -176,7 +176,9 @@ class _Direction:
     def on_readable(self) -> None:
         """The read watcher's callback, its own guard (``Relay.guard`` is one call more per
         chunk, and a command's round trip is two chunks): what ``read_or_finish`` and
-        ``account_read`` do, written out."""
+        ``account_read`` do, written out, the booking after the send, so that the peer has
+        the bytes before the observer and the counters run (they add to every command's
+        round trip otherwise).  Bytes whose write failed are not booked: the relay ends."""
         relay = self.relay
         try:
             if self.splicing:
@@ -192,23 +194,11 @@ class _Direction:
             if not size:
                 relay.finish(self.side, "closed")
                 return
-            session = relay.session
-            session.last_activity = time.monotonic()
-            if size >= BULK and self.may_splice():
-                self.splicing = True      # bulk data: the next reads go socket → pipe → socket
-            if self.upward:
-                session.bytes_in += size
-                if relay.observe is not None:
-                    relay.observe(_buffer, size)
+            upward = self.upward
+            if upward or relay.rewrite is None:
                 data = _view[:size]
             else:
-                session.bytes_out += size
-                relay.tail = bytes(_view[max(0, size - 64):size])
-                if relay.rewrite is None:
-                    data = _view[:size]
-                else:
-                    data = relay.rewrite(_view, size)
-                    size = len(data)
+                data = relay.rewrite(_view, size)
             try:
                 sent = self.dst.send(data)
             except BlockingIOError:
@@ -216,8 +206,19 @@ class _Direction:
             except OSError as exc:
                 relay.finish(self.peer, f"write error: {exc.strerror or exc}")
                 return
-            if sent < size:
+            if sent < len(data):
                 self.wait_writable(memoryview(bytes(data[sent:])))
+            session = relay.session
+            session.last_activity = time.monotonic()
+            if upward:
+                session.bytes_in += size
+                if relay.observe is not None:
+                    relay.observe(_buffer, size)    # the shared buffer: nothing wrote it since
+            else:
+                session.bytes_out += size
+                relay.tail = bytes(_view[max(0, size - 64):size])
+            if size >= BULK and self.may_splice():
+                self.splicing = True      # bulk data: the next reads go socket → pipe → socket
         except Exception:  # noqa: BLE001
             relay.failed()
 
