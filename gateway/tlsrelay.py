@@ -169,11 +169,12 @@ class _Direction:
             return
         if not size:
             return
-        account_read(relay, self.upward, size)
         if not self.upward and relay.rewrite is not None:
             self.forward(relay.rewrite(_view, size))
-            return
-        self.forward(_view[:size])
+        else:
+            self.forward(_view[:size])
+        if not relay.finishing:       # booked once sent, as in the plain relay
+            account_read(relay, self.upward, size)
 
     def forward(self, data) -> None:
         try:
