@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     parser.add_argument("--protocols", default="imap,pop3")
     parser.add_argument("--noop", action="store_true",
                         help="NOOP latency (IMAP) instead of sessions")
+    parser.add_argument("--noops", type=int, default=20000,
+                        help="with --noop: NOOPs per target and round")
     parser.add_argument("--a-python", default=sys.executable,
                         help="interpreter that runs gateway A (default: this one)")
     parser.add_argument("--b-python", default=sys.executable,
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
         targets = {name: _gateway(stack, name, root, args.workers, pythons[name])
                    for name, root in roots.items()}
         if args.noop:
-            _noop(stack, targets, args.rounds)
+            _noop(stack, targets, args.rounds, args.noops)
             return 0
         for protocol in args.protocols.split(","):
             cpu = {name: [] for name in targets}
@@ -110,12 +112,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def _noop(stack: Stack, targets: dict, rounds: int) -> None:
+def _noop(stack: Stack, targets: dict, rounds: int, count: int) -> None:
     """NOOP latency of A, B and direct Dovecot, ``rounds`` times: p50 / p99 µs and B − A."""
     direct = stack.targets["direct"]
     apart = {"p50_us": [], "p99_us": []}
     for number in range(max(1, rounds)):
-        figures = scenarios.noop([direct, *targets.values()], stack, 20000, 1)
+        figures = scenarios.noop([direct, *targets.values()], stack, count, 1)
         print("noop round %d: %s" % (number, ", ".join(
             f"{name} {f['p50_us']:.1f} / {f['p99_us']:.1f}" for name, f in figures.items())),
             flush=True)

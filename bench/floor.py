@@ -2,19 +2,23 @@
 of a bare gevent proxy (bench/floorproxy.py: a greenlet per login, a callback relay, no
 features) next to mailgate (one worker), nginx (one worker) and direct Dovecot, same run.
 
-    python -m bench.floor [--seconds 5] [--rounds 2] [--clients 50] [--burn-us N]
+    python -m bench.floor [--seconds 5] [--rounds 2] [--clients 50] [--burn-us N] [--workers N]
 
 The same session loops as ``python -m bench`` (IMAP: LOGIN SELECT FETCH LOGOUT; POP3: USER
 PASS STAT QUIT); rounds alternate the targets.  CPU is the proxy's processes (mailgate with
 its Redis, nginx with its auth_http) from /proc; the figures go to bench/results/floor.json (``--json``).
 ``--burn-us N`` adds a target "burn": the floor proxy burning N µs of CPU per login in a busy
 loop, which tells what a dearer proxy alone does to sessions/s and to Dovecot's CPU here.
+``--workers N``: mailgate and nginx with N workers, the floor proxy as N processes sharing
+its listening sockets (how the cost per session grows with the worker count, floor included).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -34,30 +38,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_floor(dovecot, burn_us: float) -> tuple[subprocess.Popen, int, int]:
+def _start_floor(dovecot, burn_us: float, processes: int) -> tuple[subprocess.Popen, int, int]:
     imap_port, pop3_port = _free_port(), _free_port()
     floor = subprocess.Popen(
         [sys.executable, "-m", "bench.floorproxy", dovecot.host, str(dovecot.imap_port),
-         str(dovecot.pop3_port), str(imap_port), str(pop3_port), str(burn_us)],
+         str(dovecot.pop3_port), str(imap_port), str(pop3_port), str(burn_us), str(processes)],
         stdout=subprocess.PIPE, start_new_session=True)
     if floor.stdout.readline().strip() != b"ready":
-        floor.kill()
+        os.killpg(floor.pid, signal.SIGKILL)
         floor.wait()
         raise RuntimeError("the floor proxy did not start")
     return floor, imap_port, pop3_port
 
 
-def run(seconds: float, rounds: int, clients: int, burn_us: float = 0.0) -> dict:
+def run(seconds: float, rounds: int, clients: int, burn_us: float = 0.0,
+        workers: int = 1) -> dict:
     figures: dict = {}
     order = ORDER + (("burn",) if burn_us else ())
-    with Stack(32, ("direct", "mailgate", "nginx"), workers=1) as stack, \
+    with Stack(32, ("direct", "mailgate", "nginx"), workers=workers) as stack, \
             contextlib.ExitStack() as floors:
         targets = dict(stack.targets)
         for name, burn in (("floor", 0.0), ("burn", burn_us)):
             if name in order:
-                floor, imap_port, pop3_port = _start_floor(stack.dovecot, burn)
+                floor, imap_port, pop3_port = _start_floor(stack.dovecot, burn, workers)
                 floors.callback(floor.wait)
-                floors.callback(floor.kill)
+                floors.callback(os.killpg, floor.pid, signal.SIGKILL)   # its forks too
                 targets[name] = Target(name, "127.0.0.1", imap_port, pop3_port, floor.pid)
         for protocol in ("imap", "pop3"):
             runs = {name: [] for name in order}
@@ -112,13 +117,16 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--burn-us", type=float, default=0.0,
                         help="add the floor proxy burning this much CPU per login (µs)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers of mailgate and nginx, processes of the floor proxy")
     args = parser.parse_args(argv)
-    figures = run(args.seconds, max(1, args.rounds), args.clients, args.burn_us)
+    figures = run(args.seconds, max(1, args.rounds), args.clients, args.burn_us,
+                  max(1, args.workers))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
     print(table(figures))
-    print(f"(medians of {args.rounds} rounds of {args.seconds:g} s, {args.clients} clients; "
-          f"JSON: {args.json})")
+    print(f"(medians of {args.rounds} rounds of {args.seconds:g} s, {args.clients} clients, "
+          f"{args.workers} worker(s) or process(es) each; JSON: {args.json})")
     return 0
 
 

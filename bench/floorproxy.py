@@ -9,16 +9,19 @@ client's line, no logs or metrics, one fixed back-end.  It is not a proxy anyone
 it exists so that ``python -m bench.floor`` can show how much of mailgate's cost per session
 is Python and gevent themselves, and how much is mailgate.
 
-    python -m bench.floorproxy BACKEND_HOST IMAP_PORT POP3_PORT LISTEN_IMAP LISTEN_POP3 [BURN_US]
+    python -m bench.floorproxy BACKEND_HOST IMAP_PORT POP3_PORT LISTEN_IMAP LISTEN_POP3 \
+        [BURN_US [PROCESSES]]
 
 ``BURN_US``: CPU time to burn per login in a busy loop, half before the back-end is
 connected and half after its answer (``python -m bench.floor --burn-us``): the floor made
 as dear as mailgate with no other difference, to see what a dearer proxy alone does to the
-sessions/s and to the back-end's CPU on shared cores.
+sessions/s and to the back-end's CPU on shared cores.  ``PROCESSES``: that many processes
+share the listening sockets, as mailgate's workers do (``python -m bench.floor --workers``).
 """
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import sys
 import time
@@ -93,7 +96,7 @@ def _backend(host: str, port: int):
 
 
 def serve(backend_host: str, imap_backend: int, pop3_backend: int, imap_port: int,
-          pop3_port: int) -> None:
+          pop3_port: int, processes: int = 1) -> None:
     def imap(client, address):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.sendall(b"* OK floor ready\r\n")
@@ -133,15 +136,26 @@ def serve(backend_host: str, imap_backend: int, pop3_backend: int, imap_port: in
         _burn()
         _Relay(client, backend)
 
-    for port, handle in ((imap_port, imap), (pop3_port, pop3)):
-        server = StreamServer(("127.0.0.1", port), handle)
+    listeners = []
+    for port in (imap_port, pop3_port):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(1024)
+        listeners.append(listener)
+    for _ in range(processes - 1):     # bound before the fork: every process accepts on them
+        if os.fork() == 0:
+            break
+    else:
+        print("ready", flush=True)
+    for listener, handle in zip(listeners, (imap, pop3)):
+        server = StreamServer(gsocket.socket(fileno=listener.detach()), handle)
         server.max_accept = 1
         server.start()
-    print("ready", flush=True)
     gevent.wait()
 
 
 if __name__ == "__main__":
     host, *ports = sys.argv[1:6]
     _burn_seconds = float(sys.argv[6]) / 2e6 if len(sys.argv) > 6 else 0.0
-    serve(host, *(int(p) for p in ports))
+    serve(host, *(int(p) for p in ports), int(sys.argv[7]) if len(sys.argv) > 7 else 1)

@@ -66,12 +66,13 @@ def test_quick_noop_bench_prints_the_table_and_stops_everything(tmp_path):
 
 def test_floor_bench_prints_its_table_and_stops_everything(tmp_path):
     """``python -m bench.floor``: the bare gevent proxy next to mailgate, nginx and direct,
-    and (``--burn-us``) the same proxy burning CPU per login."""
+    and (``--burn-us``) the same proxy burning CPU per login; ``--workers 2``: two workers
+    each, the floor proxy as two processes (all of them stopped at the end)."""
     _require_servers()
     result_path = tmp_path / "floor.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench.floor", "--seconds", "0.5", "--rounds", "1",
-         "--clients", "4", "--burn-us", "50", "--json", str(result_path)],
+         "--clients", "4", "--burn-us", "50", "--workers", "2", "--json", str(result_path)],
         cwd=servers.REPO_ROOT, capture_output=True, text=True, timeout=180,
         env=dict(os.environ, PYTHONPATH=str(servers.REPO_ROOT)))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -96,6 +97,22 @@ def test_ab_bench_compares_two_folders():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "imap B/A CPU per round" in done.stdout
     assert "failed sessions" not in done.stderr
+    tmpdir = done.stdout.split("servers in ", 1)[1].split()[0]
+    assert not os.path.exists(tmpdir)
+    assert _processes_mentioning(tmpdir) == []
+
+
+def test_ab_bench_compares_noop_latency():
+    """``python -m bench.ab --noop``: NOOP latency of two gateways and of Dovecot itself."""
+    _require_servers()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--a", str(servers.REPO_ROOT), "--b",
+         str(servers.REPO_ROOT), "--noop", "--rounds", "2", "--noops", "300"],
+        cwd=servers.REPO_ROOT, capture_output=True, text=True, timeout=180,
+        env=dict(os.environ, PYTHONPATH=str(servers.REPO_ROOT)))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("noop round ") == 2 and "direct " in done.stdout
+    assert "noop B - A p50:" in done.stdout and "noop B - A p99:" in done.stdout
     tmpdir = done.stdout.split("servers in ", 1)[1].split()[0]
     assert not os.path.exists(tmpdir)
     assert _processes_mentioning(tmpdir) == []
