@@ -1,6 +1,7 @@
 """How far mailgate's login is from the floor of its shape: sessions/s and CPU per session
 of a bare gevent proxy (bench/floorproxy.py: a greenlet per login, a callback relay, no
-features) next to mailgate (one worker), nginx (one worker) and direct Dovecot, same run.
+features) next to mailgate and nginx (one worker each unless ``--workers``) and direct
+Dovecot, same run.
 
     python -m bench.floor [--seconds 5] [--rounds 2] [--clients 50] [--burn-us N] [--workers N]
 
