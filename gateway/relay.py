@@ -175,27 +175,19 @@ class _Direction:
 
     def on_readable(self) -> None:
         """The read watcher's callback, its own guard (``Relay.guard`` is one call more per
-        chunk, and a command's round trip is two chunks): what ``read_or_finish`` and
-        ``account_read`` do, written out, the booking after the send, so that the peer has
-        the bytes before the observer and the counters run (they add to every command's
-        round trip otherwise).  Bytes whose write failed are not booked: the relay ends."""
+        chunk, and a command's round trip is two chunks).  The chunk is booked once it is
+        sent, so that the peer has the bytes before the observer and the counters run (they
+        add to every command's round trip otherwise); bytes whose write failed are not
+        booked: the relay ends."""
         relay = self.relay
         try:
             if self.splicing:
                 self.splice_through()
                 return
-            try:
-                size = self.src.recv_into(_buffer)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                relay.finish(self.side, f"read error: {exc.strerror or exc}")
-                return
+            size = read_or_finish(relay, self.side, self.src.recv_into, _buffer)
             if not size:
-                relay.finish(self.side, "closed")
                 return
-            upward = self.upward
-            if upward or relay.rewrite is None:
+            if self.upward or relay.rewrite is None:
                 data = _view[:size]
             else:
                 data = relay.rewrite(_view, size)
@@ -208,15 +200,7 @@ class _Direction:
                 return
             if sent < len(data):
                 self.wait_writable(memoryview(bytes(data[sent:])))
-            session = relay.session
-            session.last_activity = time.monotonic()
-            if upward:
-                session.bytes_in += size
-                if relay.observe is not None:
-                    relay.observe(_buffer, size)    # the shared buffer: nothing wrote it since
-            else:
-                session.bytes_out += size
-                relay.tail = bytes(_view[max(0, size - 64):size])
+            account_read(relay, self.upward, size)   # the shared buffer: nothing wrote it since
             if size >= BULK and self.may_splice():
                 self.splicing = True      # bulk data: the next reads go socket → pipe → socket
         except Exception:  # noqa: BLE001

@@ -21,7 +21,8 @@ The framer is any object with ``feed(bytes) -> list[event]`` and ``pending() -> 
 when present, says how many payload bytes may be framed in one go, and ``take_raw`` (a
 caller framing bytes itself) needs ``between_lines``, true when the next byte starts a line;
 with a ``line_at`` as well, ``next_event`` takes a whole line straight from the received
-bytes (POP3: the framer's own work would make the same event at several times the cost).
+bytes (a LOGIN command, a back-end's answers during a login: the framer's own work would make
+the same event at several times the cost).
 """
 from __future__ import annotations
 
@@ -130,9 +131,8 @@ class StreamReader:
         self.deadline: float | None = None
         self.idle_timeout: float | None = sock.gettimeout() if sock is not None else None
         self.events: deque = deque()
-        # A framer's ``line_at`` (gateway.pop3.framer): whole plain lines are taken without
-        # it (take_raw); IMAP's framer has none (its lines may announce literals: ImapReader
-        # takes its plain lines in read_parts).
+        # The framer's ``line_at``: whole plain lines are taken without framing them (a
+        # reader that replaces its framer sets it again).
         self.line_at = getattr(framer, "line_at", None)
         self.raw = b""          # received, not yet framed
         self.raw_pos = 0

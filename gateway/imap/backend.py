@@ -68,12 +68,13 @@ def _parse_line(line: bytes) -> Response:
 
 
 _UNQUOTABLE = re.compile(rb"[^\x20-\x7e]")
+MAX_QUOTED = 1000     # longer values go as literals
 
 
 def quote_bytes(raw: bytes) -> bytes | None:
     """An IMAP quoted string (RFC 3501 §4.3) for printable ASCII, else None: CR, LF, NUL and
     8-bit bytes must travel as a literal."""
-    if len(raw) > 1000 or _UNQUOTABLE.search(raw):
+    if len(raw) > MAX_QUOTED or _UNQUOTABLE.search(raw):
         return None
     if b"\\" in raw or b'"' in raw:
         raw = raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
@@ -81,7 +82,7 @@ def quote_bytes(raw: bytes) -> bytes | None:
 
 
 def quoted(value: str) -> bytes | None:
-    if len(value) <= 1000 and value.isascii() and value.isprintable() and \
+    if len(value) <= MAX_QUOTED and value.isascii() and value.isprintable() and \
             '"' not in value and "\\" not in value:
         return b'"' + value.encode("ascii") + b'"'   # (most values: no regex, no escapes)
     return quote_bytes(value.encode("utf-8"))

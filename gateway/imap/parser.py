@@ -140,6 +140,19 @@ class Framer:
         no error that stops the stream (a reader may then frame a plain line itself)."""
         return not (self._partial or self._pending or self._remaining or self._fatal)
 
+    def line_at(self, raw: bytes, start: int) -> tuple[Line, int] | None:
+        """For ``StreamReader.take_raw``, between lines: the Line ``feed`` would give first
+        for ``raw[start:]`` when that begins with a whole line within ``max_line`` that
+        announces no literal (a LOGIN command, a back-end's answers during a login), and
+        where the line ends; None (nothing taken) for anything else, which ``feed`` frames."""
+        end = raw.find(b"\n", start) + 1
+        if not end or end - start > self._max_line:
+            return None
+        body_end = end - 2 if raw[end - 2:end - 1] == b"\r" else end - 1
+        if raw[body_end - 1:body_end] == b"}":       # a literal marker, maybe: feed's work
+            return None
+        return Line(raw if start == 0 and end == len(raw) else raw[start:end], None), end
+
     def pending(self) -> bytes:
         """The held bytes themselves (``buffered()`` of them), in stream order: with the data
         of every event returned so far, exactly the bytes fed.  For a hand-over to a plain

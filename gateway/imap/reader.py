@@ -56,9 +56,6 @@ class ImapReader(StreamReader):
         literal is on its way) or framing restarts at the next line (a synchronising literal's
         payload will not come), and :class:`LiteralRefused` is raised.
         """
-        plain = self.take_raw(self._plain_line, receive=True)
-        if plain is not None:
-            return plain
         parts: list[bytes] = []
         total = 0
         while True:
@@ -76,19 +73,6 @@ class ImapReader(StreamReader):
             payload = self.read_literal()
             parts.append(payload)
             total += len(payload)
-
-    def _plain_line(self, raw: bytes, start: int) -> tuple[list[bytes], int] | None:
-        """``read_parts``'s answer when ``raw[start:]`` begins with a whole line within
-        ``max_line`` that announces no literal (a LOGIN command, a back-end's answers
-        during a login): the line, taken without the framer, which would make the same Line
-        of it at several times the cost.  None for anything else (the framer's work)."""
-        end = raw.find(b"\n", start) + 1
-        if not end or end - start > self.max_line:
-            return None
-        body_end = end - 2 if raw[end - 2:end - 1] == b"\r" else end - 1
-        if raw[body_end - 1:body_end] == b"}":       # a literal marker, maybe: the framer
-            return None
-        return [raw if start == 0 and end == len(raw) else raw[start:end]], end
 
     def read_literal(self) -> bytes:
         """The payload of the literal whose marker line was just returned, collected."""
@@ -117,3 +101,4 @@ class ImapReader(StreamReader):
         size are streamed); call between commands only."""
         self.max_literal = max_literal
         self.framer = parser.Framer(max_line=self.max_line, max_literal=max_literal)
+        self.line_at = self.framer.line_at

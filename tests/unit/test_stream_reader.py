@@ -103,7 +103,7 @@ def test_on_literal_sees_each_literal_before_its_payload():
     assert seen == [1, 2] and parts == [b"a LOGIN {1}\r\n", b"u", b" {2}\r\n", b"pw", b"\r\n"]
 
 
-# -- read_parts' plain-line fast path: the framer's parts, whatever the split --------------
+# -- the line fast path (line_at): the framer's parts, whatever the split --------------
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -112,13 +112,6 @@ from gateway.imap import parser  # noqa: E402
 
 _STREAM_PIECES = [b"a1 LOGIN u p", b"* OK [CAPABILITY IMAP4rev1] hi", b"MG2 OK done", b" ",
                   b"{3}", b"{3+}", b"~{2}", b"}", b"abc", b"\r\n", b"\n", b"\r", b"x" * 30]
-
-
-class _FramerOnly(ImapReader):
-    """read_parts the whole way: the plain-line path declines everything."""
-
-    def _plain_line(self, raw, start):
-        return None
 
 
 def _chunks(stream: bytes, cuts: list[int]) -> list[bytes]:
@@ -132,8 +125,9 @@ def _chunks(stream: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def _imap_reads(chunks: list[bytes], fast: bool):
-    reader = (ImapReader if fast else _FramerOnly)(FakeSocket(chunks), max_line=40,
-                                                   max_literal=8)
+    reader = ImapReader(FakeSocket(chunks), max_line=40, max_literal=8)
+    if not fast:
+        reader.line_at = None           # the framer's way only
     got = []
     while len(got) < 40:        # (a reader is asked again after a framing error, as a relay may)
         try:
@@ -167,7 +161,7 @@ _POP3_PIECES = [b"USER u", b"PASS secret", b"+OK ready", b"-ERR no", b" ", b"\r\
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_the_line_fast_paths_give_what_the_framers_give(pieces, reads, data):
-    """The whole lines taken without the framer (IMAP's read_parts, POP3's line_at) are the
+    """The whole lines taken without framing them (the framers' ``line_at``) are the
     framer's own events, whatever the bytes and however recv cuts them."""
     stream = b"".join(data.draw(st.lists(st.sampled_from(pieces), max_size=12)))
     chunks = _chunks(stream, data.draw(st.lists(st.integers(0, 400), max_size=5)))
